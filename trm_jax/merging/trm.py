@@ -1,0 +1,967 @@
+"""TRM: Trajectory Regularized Merging, as an optimisation over a small coefficient set.
+
+At the end of task ``t`` the merged model is searched for inside an *augmented trajectory
+subspace* built from four models only: the pre-trained base ``theta0``, the previous merged
+model ``theta_prev`` (θ̄_{t-1}) and ``K`` snapshots of task ``t``'s own fine-tuning
+trajectory (the last one is the expert ``theta_t``). Per parameter leaf ``l`` the directions
+are
+
+* ``d_k = theta_t^(k) - theta_prev`` for ``k = 1..K``            (``'trajectory'``)
+* ``h   = theta_prev - theta0``                                   (``'history'``)
+* ``m   = theta0 + maxmag(h, theta_t - theta0) - theta_prev``     (``'consensus'``, MagMax pair)
+
+stacked as ``D_l`` with shape ``[J, *leaf.shape]``, and the merged model is
+
+    theta(alpha)_l = theta_init_l + sum_j (alpha_{g(l), j} - alpha_init_j) * D_{l, j}
+
+where ``theta_init`` is the exact initial point (the MagMax pair merge by default) and
+``g(l)`` the coefficient group of leaf ``l`` (one group per leaf by default). When the init
+point's own direction is in the subspace this is the reference formulation
+``theta_prev + sum_j alpha_j D_j``; writing it around ``theta_init`` makes ``steps=0`` return
+the MagMax point bit for bit. The coefficients are fitted with Adam on minibatches of the
+current task only, against
+
+    L(alpha) = w_align * L_align + w_consistency * L_consistency
+             + w_responsiveness * L_responsiveness + w_reg * ||alpha - alpha_init||^2.
+
+Every objective is a separate pure function with the *objective protocol*
+``fn(apply_fn, params, logits, batch, targets, ctx) -> scalar`` (``params`` = theta(alpha),
+``logits = apply_fn(params, batch['image'])``, ``targets`` = per-batch constants computed once
+without gradient, ``ctx`` = a :class:`Context`) and is looked up by name in a registry
+(``ALIGN``, ``CONSISTENCY``, ``RESPONSIVENESS``); register your own function under a new name
+and select it in the config to swap one objective without touching anything else.
+
+The optimisation step (all objectives, the second-order responsiveness term, the Adam update
+of the coefficients) is one module-level jitted function, :func:`train_step`; the model
+function is a static argument, so a merge traces it once. Nothing here knows about models:
+only pytrees and a pure ``apply_fn(params, images) -> logits``.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+import time
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from ml_collections import config_dict
+
+from trm_jax.errors import ConfigError, DataError, TrainingError
+from trm_jax.merging import task_vectors as tv
+
+PyTree = Any
+ApplyFn = Callable[[PyTree, jax.Array], jax.Array]
+
+DIRECTIONS = ("trajectory", "history", "consensus")
+INITS = ("magmax", "expert", "previous")
+DIRECTION_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+G_REFS = ("base", "previous")
+TERMS = ("align", "consistency", "responsiveness", "reg")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field :func:`merge` reads, with the reference formulation's defaults.
+
+    * ``steps`` (100), ``learning_rate`` (1e-2): Adam on the coefficients only.
+    * ``temperature`` (2.0): tau of the distillation / consistency KLs (scaled by tau^2).
+    * ``weights.{align, consistency, responsiveness, reg}``: term weights; a weight of 0
+      removes the term from the jitted step (it is not computed).
+    * ``align``: ``'distill'`` (KL to the expert over the task's classes), ``'distill_seen'``
+      (the same over every class seen so far), ``'ce'`` (labels), ``'param'`` (cosine to the
+      expert's displacement, per leaf).
+    * ``consistency``: ``'kl'`` (KL to the previous merged model over old classes) or
+      ``'mse'`` (raw old-class logits).
+    * ``responsiveness``: ``'probe'`` (squared gradient norm of a fixed random probe loss) or
+      ``'fisher'`` (trace of the Fisher, labels sampled from the model).
+    * ``directions``: any non-empty subset of ``('trajectory', 'history', 'consensus')``.
+    * ``granularity``: ``'leaf'`` (one coefficient per leaf and direction), ``'global'`` (one
+      per direction for the whole model) or name regexes (a string or a tuple of strings):
+      leaves whose first matching regex matches the same text share coefficients, so
+      ``'block_\\d+'`` gives one group per block; unmatched leaves keep their own.
+    * ``init``: ``'magmax'`` (the MagMax pair point), ``'expert'`` (theta_t) or
+      ``'previous'`` (theta_prev).
+    * ``direction_dtype``: storage of the stacked directions, ``'float32'`` or ``'bfloat16'``.
+    * ``g_ref``: the model whose responsiveness is the reference, ``'base'`` (theta0, fixed for
+      the whole stream) or ``'previous'``.
+    * ``probe.seed``, ``probe.num_classes`` (outputs of the random probe head; 0 = use the
+      model's own seen-class logits), ``probe.batch_size`` (examples per batch used by the
+      responsiveness term, whose memory and time are second order; 0 = the whole batch;
+      default 32: ViT-B/16 needs ~0.5 GB per probe example in float32).
+    * ``max_batches``: distinct batches held (with their targets) and cycled over when
+      ``steps`` exceeds them; 0 = up to ``steps``.
+    * ``eval_batches``: how many of the held batches the before/after report in ``info``
+      (``terms_init``, ``terms_final``, ``g_*``) averages over; 0 = all (costs ~2 steps each).
+    * ``seed``: the key for the Fisher variant's sampled labels.
+    """
+    config = ml_collections.ConfigDict()
+    config.steps = 100
+    config.learning_rate = 1e-2
+    config.temperature = 2.0
+    config.weights = ml_collections.ConfigDict(
+        {"align": 1.0, "consistency": 1.0, "responsiveness": 0.1, "reg": 0.01}
+    )
+    config.align = "distill"
+    config.consistency = "kl"
+    config.responsiveness = "probe"
+    config.directions = DIRECTIONS
+    # A string or a tuple of regexes: declared as an object field so either type is accepted.
+    config.granularity = config_dict.FieldReference("leaf", field_type=object)
+    config.init = "magmax"
+    config.direction_dtype = "float32"
+    config.g_ref = "base"
+    config.probe = ml_collections.ConfigDict({"seed": 0, "num_classes": 10, "batch_size": 32})
+    config.max_batches = 0
+    config.eval_batches = 4
+    config.seed = 0
+    return config
+
+
+def _choice(value: str, choices: Iterable[str], field: str) -> None:
+    choices = list(choices)
+    if value not in choices:
+        raise ConfigError(f"trm config '{field}' is {value!r}; choose one of {choices}")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raise ``ConfigError`` (one line, naming the field and the valid choices) on a bad field."""
+    if int(config.steps) != config.steps or config.steps < 0:
+        raise ConfigError(f"trm config 'steps' must be an integer >= 0, got {config.steps!r}")
+    if not config.learning_rate > 0:
+        raise ConfigError(f"trm config 'learning_rate' must be > 0, got {config.learning_rate}")
+    if not config.temperature > 0:
+        raise ConfigError(f"trm config 'temperature' must be > 0, got {config.temperature}")
+    for term in TERMS:
+        weight = config.weights[term]
+        if not (np.isfinite(weight) and weight >= 0):
+            raise ConfigError(f"trm config 'weights.{term}' must be finite and >= 0, got {weight}")
+    _choice(config.align, ALIGN, "align")
+    _choice(config.consistency, CONSISTENCY, "consistency")
+    _choice(config.responsiveness, RESPONSIVENESS, "responsiveness")
+    _choice(config.responsiveness, MEASURES, "responsiveness (its g measure in MEASURES)")
+    _choice(config.init, INITS, "init")
+    _choice(config.direction_dtype, DIRECTION_DTYPES, "direction_dtype")
+    _choice(config.g_ref, G_REFS, "g_ref")
+    directions = tuple(config.directions)
+    if not directions or len(set(directions)) != len(directions):
+        raise ConfigError(
+            f"trm config 'directions' must be a non-empty subset of {list(DIRECTIONS)} "
+            f"without repeats, got {directions!r}"
+        )
+    for name in directions:
+        _choice(name, DIRECTIONS, "directions")
+    _granularity_patterns(config.granularity)
+    counts = {
+        "probe.num_classes": config.probe.num_classes,
+        "probe.batch_size": config.probe.batch_size,
+        "max_batches": config.max_batches,
+        "eval_batches": config.eval_batches,
+    }
+    for field, value in counts.items():
+        if int(value) != value or value < 0:
+            raise ConfigError(f"trm config '{field}' must be an integer >= 0, got {value!r}")
+
+
+def _granularity_patterns(granularity: Any) -> tuple[str, ...] | str:
+    """``'leaf'`` / ``'global'``, or the regexes as a tuple (each compiled once to check it)."""
+    if granularity in ("leaf", "global"):
+        return granularity
+    patterns = (granularity,) if isinstance(granularity, str) else tuple(granularity)
+    if not patterns or not all(isinstance(p, str) and p for p in patterns):
+        raise ConfigError(
+            "trm config 'granularity' must be 'leaf', 'global' or non-empty name regexes, "
+            f"got {granularity!r}"
+        )
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(
+                f"trm config 'granularity' regex {pattern!r} is invalid: {err}"
+            ) from None
+    return patterns
+
+
+# ----------------------------------------------------------------------------- subspace
+
+
+class Layout(NamedTuple):
+    """Static (hashable) description of the coefficient layout.
+
+    ``groups[i]`` is the coefficient row of leaf ``i`` (``jax.tree.leaves`` order);
+    ``group_names`` labels the rows; ``direction_names`` labels the columns (``d1..dK``,
+    ``h``, ``m``); ``leaf_names`` are the ``a/b/c`` paths.
+    """
+
+    groups: tuple[int, ...]
+    group_names: tuple[str, ...]
+    direction_names: tuple[str, ...]
+    leaf_names: tuple[str, ...]
+
+
+class Subspace(NamedTuple):
+    """The augmented trajectory subspace as arrays.
+
+    ``anchor`` = theta(alpha_init), computed exactly (not as a sum of directions);
+    ``directions`` = per leaf ``[J, *leaf.shape]`` in the storage dtype; ``alpha_init`` =
+    ``[G, J]`` coordinates of the anchor (1 on the init point's direction when present).
+    """
+
+    anchor: PyTree
+    directions: PyTree
+    alpha_init: jax.Array
+
+
+def coefficient_groups(
+    names: Sequence[str], granularity: Any
+) -> tuple[tuple[int, ...], tuple[str, ...]]:
+    """Assign each leaf name a coefficient group: ``(group index per leaf, group names)``.
+
+    ``'leaf'``: one group per leaf. ``'global'``: one group. Regexes: the first regex that
+    ``re.search``-matches a name decides, and the matched text is the group key (so
+    ``'block_\\d+'`` groups per block); a leaf no regex matches forms its own group.
+    """
+    patterns = _granularity_patterns(granularity)
+    keys: list[str] = []
+    for name in names:
+        if patterns == "leaf":
+            keys.append(name)
+        elif patterns == "global":
+            keys.append("global")
+        else:
+            for pattern in patterns:
+                match = re.search(pattern, name)
+                if match is not None:
+                    keys.append(f"{pattern}={match.group(0)}")
+                    break
+            else:
+                keys.append(name)
+    group_names = tuple(dict.fromkeys(keys))
+    index = {key: i for i, key in enumerate(group_names)}
+    return tuple(index[key] for key in keys), group_names
+
+
+def direction_names(num_snapshots: int, directions: Sequence[str]) -> tuple[str, ...]:
+    """Column labels in stacking order: ``d1..dK`` (trajectory), ``h``, ``m``."""
+    names: list[str] = []
+    if "trajectory" in directions:
+        names += [f"d{k + 1}" for k in range(num_snapshots)]
+    if "history" in directions:
+        names.append("h")
+    if "consensus" in directions:
+        names.append("m")
+    return tuple(names)
+
+
+def coefficient_dtype(tree: PyTree) -> jnp.dtype:
+    """float32, or float64 when the parameters are float64 (finite-difference checks)."""
+    return jnp.promote_types(jnp.float32, jnp.result_type(*jax.tree.leaves(tree)))
+
+
+def build_subspace(
+    base: PyTree,
+    previous: PyTree,
+    snapshots: Sequence[PyTree],
+    *,
+    directions: Sequence[str] = DIRECTIONS,
+    granularity: Any = "leaf",
+    init: str = "magmax",
+    direction_dtype: str = "float32",
+) -> tuple[Subspace, Layout]:
+    """Stack the directions per leaf and compute the exact init point (see module docstring).
+
+    Built leaf by leaf, so the peak extra memory is the stacked directions plus one leaf.
+    """
+    dtype = DIRECTION_DTYPES[direction_dtype]
+    cols = direction_names(len(snapshots), directions)
+    leaves_b = jax.tree.leaves(base)
+    leaves_p = jax.tree.leaves(previous)
+    leaves_s = [jax.tree.leaves(s) for s in snapshots]
+
+    anchors, stacked = [], []
+    for i, (b, p) in enumerate(zip(leaves_b, leaves_p, strict=True)):
+        e = leaves_s[-1][i]
+        h = p - b
+        consensus_point = b + tv.maxmag2(h, e - b)  # theta0 + maxmag(h, tau_t), exactly
+        rows = []
+        if "trajectory" in directions:
+            rows += [s[i] - p for s in leaves_s]
+        if "history" in directions:
+            rows.append(h)
+        if "consensus" in directions:
+            rows.append(consensus_point - p)
+        stacked.append(jnp.stack(rows).astype(dtype))
+        anchors.append({"magmax": consensus_point, "expert": e, "previous": p}[init])
+    treedef = jax.tree.structure(base)
+    groups, group_names = coefficient_groups(tv.leaf_names(base), granularity)
+
+    alpha_init = np.zeros((len(group_names), len(cols)), coefficient_dtype(base))
+    init_col = {"magmax": "m", "expert": f"d{len(snapshots)}", "previous": None}[init]
+    if init_col in cols:
+        alpha_init[:, cols.index(init_col)] = 1.0
+    subspace = Subspace(
+        anchor=jax.tree.unflatten(treedef, anchors),
+        directions=jax.tree.unflatten(treedef, stacked),
+        alpha_init=jnp.asarray(alpha_init),
+    )
+    layout = Layout(groups, group_names, cols, tuple(tv.leaf_names(base)))
+    return subspace, layout
+
+
+def combine(subspace: Subspace, alpha: jax.Array, layout: Layout) -> PyTree:
+    """theta(alpha): per leaf one contraction ``anchor + (alpha_g - alpha_init_g) . D``.
+
+    Computed in the coefficients' precision, cast back to each anchor leaf's dtype; at
+    ``alpha == alpha_init`` the result is the anchor exactly.
+    """
+    delta = alpha - subspace.alpha_init
+    anchors = jax.tree.leaves(subspace.anchor)
+    stacks = jax.tree.leaves(subspace.directions)
+    out = []
+    for a, d, g in zip(anchors, stacks, layout.groups, strict=True):
+        compute = jnp.promote_types(delta.dtype, a.dtype)
+        move = jnp.tensordot(delta[g].astype(compute), d.astype(compute), axes=1)
+        out.append((a.astype(compute) + move).astype(a.dtype))
+    return jax.tree.unflatten(jax.tree.structure(subspace.anchor), out)
+
+
+def alpha_tree(alpha: jax.Array, layout: Layout, like: PyTree) -> PyTree:
+    """Coefficients as a pytree shaped like the parameters: each leaf holds its ``[J]`` row."""
+    rows = [alpha[g] for g in layout.groups]
+    return jax.tree.unflatten(jax.tree.structure(like), rows)
+
+
+# ----------------------------------------------------------------------------- objectives
+
+
+class Context(NamedTuple):
+    """Per-merge constants every objective may read (arrays or trees, passed through jit).
+
+    ``task_classes`` / ``old_classes`` / ``seen_classes`` (old then current) are int32 class
+    ids indexing the logits; ``probe_head`` is ``[len(seen_classes), P]`` or ``None`` (use
+    the seen-class logits directly); ``previous`` / ``expert`` are the parameter trees of
+    theta_prev and theta_t (references, no copies) for parameter-space objectives.
+    """
+
+    task_classes: jax.Array
+    old_classes: jax.Array
+    seen_classes: jax.Array
+    temperature: jax.Array
+    probe_head: jax.Array | None
+    previous: PyTree
+    expert: PyTree
+
+
+def _f32(x: jax.Array) -> jax.Array:
+    """Logits in at least float32 (bf16 models), float64 kept."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def tempered_kl(teacher: jax.Array, student: jax.Array, temperature: jax.Array) -> jax.Array:
+    """``tau^2 * KL(softmax(teacher/tau) || softmax(student/tau))``, mean over the batch.
+
+    The tau^2 factor keeps gradient magnitudes comparable across temperatures (Hinton et al.).
+    """
+    t = jax.nn.log_softmax(_f32(teacher) / temperature, axis=-1)
+    s = jax.nn.log_softmax(_f32(student) / temperature, axis=-1)
+    return temperature**2 * jnp.mean(jnp.sum(jnp.exp(t) * (t - s), axis=-1))
+
+
+def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    logp = jax.nn.log_softmax(_f32(logits), axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=-1))
+
+
+def align_distill(apply_fn, params, logits, batch, targets, ctx) -> jax.Array:
+    """L_TA = tau^2 KL(softmax(z_E[C_t]/tau) || softmax(z_alpha[C_t]/tau)): match the expert
+    on the current task's classes (the reference formulation)."""
+    cls = ctx.task_classes
+    return tempered_kl(targets["expert_logits"][:, cls], logits[:, cls], ctx.temperature)
+
+
+def align_distill_seen(apply_fn, params, logits, batch, targets, ctx) -> jax.Array:
+    """Variant: the same KL over every class seen so far (old + current).
+
+    Task-agnostic evaluation takes the argmax over all seen classes, so whether current-task
+    inputs stay *away* from old classes matters as much as the ranking inside ``C_t``; the
+    expert's full seen-class distribution carries that, the ``C_t`` slice does not.
+    """
+    cls = ctx.seen_classes
+    return tempered_kl(targets["expert_logits"][:, cls], logits[:, cls], ctx.temperature)
+
+
+def align_ce(apply_fn, params, logits, batch, targets, ctx) -> jax.Array:
+    """Variant: cross-entropy of the labels over the current task's classes."""
+    position = jnp.argmax(batch["label"][:, None] == ctx.task_classes[None, :], axis=-1)
+    return _cross_entropy(logits[:, ctx.task_classes], position)
+
+
+def align_param(apply_fn, params, logits, batch, targets, ctx) -> jax.Array:
+    """Variant: mean over leaves of ``1 - cos(theta(alpha) - theta_prev, theta_t - theta_prev)``
+    (data-free; a leaf where either displacement is zero contributes 1)."""
+    costs = []
+    trees = (jax.tree.leaves(t) for t in (params, ctx.previous, ctx.expert))
+    for p, q, e in zip(*trees, strict=True):
+        a = (p - q).astype(jnp.promote_types(p.dtype, jnp.float32)).ravel()
+        b = (e - q).astype(a.dtype).ravel()
+        cos = jnp.dot(a, b) / jnp.sqrt(jnp.dot(a, a) * jnp.dot(b, b) + 1e-30)
+        costs.append(1.0 - cos)
+    return jnp.mean(jnp.stack(costs))
+
+
+def consistency_kl(apply_fn, params, logits, batch, targets, ctx) -> jax.Array:
+    """L_PC = tau^2 KL(softmax(z_P[C_<t]/tau) || softmax(z_alpha[C_<t]/tau)) on current data:
+    keep the previous merged model's old-class behaviour. Zero when there are no old classes."""
+    cls = ctx.old_classes
+    if cls.shape[0] == 0:
+        return jnp.zeros((), _f32(logits).dtype)
+    return tempered_kl(targets["previous_logits"][:, cls], logits[:, cls], ctx.temperature)
+
+
+def consistency_mse(apply_fn, params, logits, batch, targets, ctx) -> jax.Array:
+    """Variant: mean squared difference of the raw old-class logits (keeps their scale, which
+    a KL, being shift-invariant, does not). Zero when there are no old classes."""
+    cls = ctx.old_classes
+    if cls.shape[0] == 0:
+        return jnp.zeros((), _f32(logits).dtype)
+    diff = _f32(logits[:, cls]) - _f32(targets["previous_logits"][:, cls])
+    return jnp.mean(jnp.square(diff))
+
+
+def _sq_norm(tree: PyTree) -> jax.Array:
+    leaves = jax.tree.leaves(tree)
+    return sum(jnp.sum(jnp.square(_f32(x))) for x in leaves)
+
+
+def _zero_cotangent(x: jax.Array) -> jax.Array:
+    if jnp.issubdtype(jnp.result_type(x), jnp.integer):
+        return np.zeros(jnp.shape(x), jax.dtypes.float0)
+    return jnp.zeros_like(x)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def grad_sq_norm(loss_fn: Callable, params: PyTree, data: PyTree) -> jax.Array:
+    """``||grad_params loss_fn(params, data)||^2``, differentiable in ``params``.
+
+    Its derivative, ``2 H g`` (``H`` the Hessian of the loss, ``g`` its gradient), is computed
+    as a Hessian-vector product, forward-over-reverse (``jax.jvp`` of ``jax.grad``): the same
+    value plain reverse-over-reverse autodiff gives, about 1.8x faster on a small ViT on CPU
+    with the same memory. ``data`` gets a zero cotangent (it is not optimised).
+    """
+    return _sq_norm(jax.grad(loss_fn)(params, data))
+
+
+def _grad_sq_norm_fwd(loss_fn, params, data):
+    grads = jax.grad(loss_fn)(params, data)
+    return _sq_norm(grads), (params, data, grads)
+
+
+def _grad_sq_norm_bwd(loss_fn, residuals, cotangent):
+    params, data, grads = residuals
+    _, hvp = jax.jvp(lambda p: jax.grad(loss_fn)(p, data), (params,), (grads,))
+    scale = 2 * cotangent
+    return (
+        jax.tree.map(lambda h: (scale * h).astype(h.dtype), hvp),
+        jax.tree.map(_zero_cotangent, data),
+    )
+
+
+grad_sq_norm.defvjp(_grad_sq_norm_fwd, _grad_sq_norm_bwd)
+
+
+def _probe_loss(apply_fn, params, data) -> jax.Array:
+    """Cross-entropy of the probe head on the seen-class logits against the probe labels."""
+    images, labels, seen, head = data
+    z = _f32(apply_fn(params, images)[:, seen])
+    if head is not None:
+        z = z @ head
+    return _cross_entropy(z, labels)
+
+
+def _seen_nll(apply_fn, params, data) -> jax.Array:
+    """Mean negative log-likelihood of ``labels`` under the seen-class softmax."""
+    images, labels, seen = data
+    return _cross_entropy(apply_fn(params, images)[:, seen], labels)
+
+
+def g_probe(apply_fn, params, batch, targets, ctx) -> jax.Array:
+    """g(theta) = ||grad_theta l_probe(theta; x)||^2, l_probe = cross-entropy of a fixed random
+    probe head on the seen-class logits against fixed random labels: how strongly a fresh
+    objective (a stand-in for the next task) would move these parameters."""
+    labels = targets["probe_labels"]
+    images = batch["image"][: labels.shape[0]]
+    data = (images, labels, ctx.seen_classes, ctx.probe_head)
+    return grad_sq_norm(functools.partial(_probe_loss, apply_fn), params, data)
+
+
+def g_fisher(apply_fn, params, batch, targets, ctx) -> jax.Array:
+    """Variant: trace of the Fisher over the seen classes, labels sampled from the model.
+
+    Estimated as ``n * ||grad mean_i log p(y_i | x_i)||^2`` with ``y_i ~ p(. | x_i)``: the
+    score has zero mean under the model's own labels, so cross terms vanish in expectation and
+    this is unbiased for ``tr F`` without per-example gradients. The sampled labels are held
+    fixed under differentiation.
+    """
+    n = targets["probe_labels"].shape[0]
+    images = batch["image"][:n]
+    seen_logits = _f32(apply_fn(params, images)[:, ctx.seen_classes])
+    sampled = jax.random.categorical(
+        jax.random.fold_in(targets["key"], 1), jax.lax.stop_gradient(seen_logits), axis=-1
+    )
+    data = (images, sampled, ctx.seen_classes)
+    return n * grad_sq_norm(functools.partial(_seen_nll, apply_fn), params, data)
+
+
+def _log(x: jax.Array) -> jax.Array:
+    return jnp.log(x + jnp.finfo(x.dtype).tiny)
+
+
+def responsiveness_probe(apply_fn, params, logits, batch, targets, ctx) -> jax.Array:
+    """L_GR = softplus(log g_ref - log g(theta(alpha))) with g = :func:`g_probe`: a soft hinge
+    on the log ratio, log 2 at g = g_ref, decaying towards 0 as g exceeds the reference and
+    growing linearly in log(g_ref / g) below it (its gradient is a grad of a grad norm)."""
+    g = g_probe(apply_fn, params, batch, targets, ctx)
+    return jax.nn.softplus(_log(targets["g_ref"]) - _log(g))
+
+
+def responsiveness_fisher(apply_fn, params, logits, batch, targets, ctx) -> jax.Array:
+    """Variant: L_GR with g = :func:`g_fisher` (trace of the model's own Fisher)."""
+    g = g_fisher(apply_fn, params, batch, targets, ctx)
+    return jax.nn.softplus(_log(targets["g_ref"]) - _log(g))
+
+
+def reg_l2(alpha: jax.Array, alpha_init: jax.Array) -> jax.Array:
+    """||alpha - alpha_init||^2 over every coefficient: stay near the rule-based start."""
+    return jnp.sum(jnp.square(alpha - alpha_init))
+
+
+ALIGN: dict[str, Callable] = {
+    "distill": align_distill,
+    "distill_seen": align_distill_seen,
+    "ce": align_ce,
+    "param": align_param,
+}
+CONSISTENCY: dict[str, Callable] = {"kl": consistency_kl, "mse": consistency_mse}
+RESPONSIVENESS: dict[str, Callable] = {
+    "probe": responsiveness_probe,
+    "fisher": responsiveness_fisher,
+}
+# The g measure behind each responsiveness objective: gives g_ref, g_init and g_final.
+MEASURES: dict[str, Callable] = {"probe": g_probe, "fisher": g_fisher}
+
+
+# ----------------------------------------------------------------------------- jitted pieces
+
+
+class Spec(NamedTuple):
+    """Static part of a merge (hashable): the model, the active objectives, the layout.
+
+    An objective is ``None`` when its weight is 0 (not computed, recorded as 0, kept out of
+    the total so an unused term can never turn it into NaN).
+    """
+
+    apply_fn: ApplyFn
+    align: Callable | None
+    consistency: Callable | None
+    responsiveness: Callable | None
+    reg: Callable | None
+    layout: Layout
+
+
+class Hyper(NamedTuple):
+    """Traced hyperparameters (changing them does not retrace)."""
+
+    learning_rate: jax.Array
+    weights: dict[str, jax.Array]
+
+
+class State(NamedTuple):
+    """Optimisation state: the coefficients ``[G, J]`` and Adam's moments."""
+
+    alpha: jax.Array
+    opt_state: optax.OptState
+
+
+# Adam's preconditioner; the learning rate is applied in the step so it can be traced.
+_ADAM = optax.scale_by_adam()
+
+
+def init_state(subspace: Subspace) -> State:
+    """Adam state at ``alpha_init``."""
+    return State(subspace.alpha_init, _ADAM.init(subspace.alpha_init))
+
+
+def loss_terms(
+    alpha: jax.Array,
+    subspace: Subspace,
+    batch: dict,
+    targets: dict,
+    ctx: Context,
+    hyper: Hyper,
+    *,
+    spec: Spec,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Total loss at ``alpha`` and each term (unweighted). Pure; differentiate it in ``alpha``."""
+    params = combine(subspace, alpha, spec.layout)
+    logits = spec.apply_fn(params, batch["image"])
+    terms = {}
+    for name in ("align", "consistency", "responsiveness"):
+        fn = getattr(spec, name)
+        if fn is None:
+            terms[name] = jnp.zeros((), alpha.dtype)
+        else:
+            terms[name] = fn(spec.apply_fn, params, logits, batch, targets, ctx).astype(alpha.dtype)
+    terms["reg"] = (
+        jnp.zeros((), alpha.dtype) if spec.reg is None else spec.reg(alpha, subspace.alpha_init)
+    )
+    active = [name for name in TERMS if getattr(spec, name) is not None]
+    loss = sum(
+        (hyper.weights[name].astype(alpha.dtype) * terms[name] for name in active),
+        jnp.zeros((), alpha.dtype),
+    )
+    return loss, terms
+
+
+@functools.partial(jax.jit, static_argnames=("spec",))
+def train_step(
+    state: State,
+    subspace: Subspace,
+    batch: dict,
+    targets: dict,
+    ctx: Context,
+    hyper: Hyper,
+    *,
+    spec: Spec,
+) -> tuple[State, dict[str, jax.Array]]:
+    """One Adam step on the coefficients; returns the new state and the loss terms at the
+    *old* coefficients (``loss`` plus each term)."""
+    objective = functools.partial(loss_terms, spec=spec)
+    (loss, terms), grad = jax.value_and_grad(objective, has_aux=True)(
+        state.alpha, subspace, batch, targets, ctx, hyper
+    )
+    updates, opt_state = _ADAM.update(grad, state.opt_state, state.alpha)
+    alpha = state.alpha - hyper.learning_rate.astype(updates.dtype) * updates
+    return State(alpha, opt_state), {"loss": loss, **terms}
+
+
+# loss_terms under jit: the total and each term at given coefficients, no update.
+evaluate = jax.jit(loss_terms, static_argnames=("spec",))
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "measure", "probe_size"))
+def compute_targets(
+    reference: PyTree,
+    batch: dict,
+    ctx: Context,
+    key: jax.Array,
+    probe_key: jax.Array,
+    *,
+    apply_fn: ApplyFn,
+    measure: Callable,
+    probe_size: int,
+) -> dict[str, jax.Array]:
+    """Per-batch constants, computed once and without gradient: the expert's and the previous
+    model's logits, the probe labels, the batch key and g at the reference model."""
+    images = batch["image"]
+    num_outputs = ctx.seen_classes.shape[0] if ctx.probe_head is None else ctx.probe_head.shape[1]
+    targets = {
+        "expert_logits": apply_fn(ctx.expert, images),
+        "previous_logits": apply_fn(ctx.previous, images),
+        "probe_labels": jax.random.randint(probe_key, (probe_size,), 0, num_outputs),
+        "key": key,
+    }
+    targets["g_ref"] = measure(apply_fn, reference, batch, targets, ctx)
+    return targets
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "measure"))
+def measure_g(params, batch, targets, ctx, *, apply_fn, measure) -> jax.Array:
+    """g(params) on one batch with that batch's probe labels and key."""
+    return measure(apply_fn, params, batch, targets, ctx)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+class _BatchCache:
+    """Draws batches lazily, computes each one's targets once, cycles when they run out.
+
+    Holds at most ``limit`` distinct batches; batches whose shapes differ from the first
+    (a ragged last batch) are skipped so the jitted step keeps one trace.
+    """
+
+    def __init__(self, batches, limit, make_targets, task_classes):
+        self._iter = iter(batches)
+        self._limit = limit
+        self._make_targets = make_targets
+        self._task_classes = task_classes
+        self.entries: list[tuple[dict, dict]] = []
+        self.skipped = 0
+        self._exhausted = False
+
+    def _draw(self) -> bool:
+        for raw in self._iter:
+            if not isinstance(raw, dict) or "image" not in raw or "label" not in raw:
+                raise DataError("trm.merge: each batch must be a dict with 'image' and 'label'")
+            batch = {"image": raw["image"], "label": raw["label"]}
+            shapes = jax.tree.map(jnp.shape, batch)
+            if self.entries and shapes != jax.tree.map(jnp.shape, self.entries[0][0]):
+                self.skipped += 1
+                continue
+            labels = np.asarray(batch["label"])
+            outside = np.setdiff1d(labels, self._task_classes)
+            if outside.size:
+                raise DataError(
+                    f"trm.merge: batch labels {outside[:10].tolist()} are not in task_classes; "
+                    "batches must hold the current task's data only"
+                )
+            self.entries.append((batch, self._make_targets(batch, len(self.entries))))
+            return True
+        self._exhausted = True
+        return False
+
+    def get(self, step: int) -> tuple[dict, dict]:
+        if not self._exhausted and (not self._limit or len(self.entries) < self._limit):
+            if self._draw():
+                return self.entries[-1]
+        if not self.entries:
+            raise DataError("trm.merge: no batches; pass at least one batch of the current task")
+        return self.entries[step % len(self.entries)]
+
+
+def make_context(
+    previous: PyTree,
+    expert: PyTree,
+    task_classes: np.ndarray,
+    old_classes: np.ndarray,
+    config: ml_collections.ConfigDict,
+    dtype: jnp.dtype = jnp.float32,
+) -> Context:
+    """The :class:`Context` of one merge; the probe head is drawn from ``probe.seed``."""
+    seen = np.concatenate([old_classes, task_classes]).astype(np.int32)
+    probe_head = None
+    if config.probe.num_classes:
+        key = jax.random.fold_in(jax.random.key(config.probe.seed), 0)
+        probe_head = jax.random.normal(key, (seen.size, config.probe.num_classes), dtype)
+        probe_head = probe_head / np.sqrt(seen.size)
+    return Context(
+        task_classes=jnp.asarray(task_classes, jnp.int32),
+        old_classes=jnp.asarray(old_classes, jnp.int32),
+        seen_classes=jnp.asarray(seen),
+        temperature=jnp.asarray(config.temperature, dtype),
+        probe_head=probe_head,
+        previous=previous,
+        expert=expert,
+    )
+
+
+def _class_ids(values: Any, label: str) -> np.ndarray:
+    ids = np.asarray(values).reshape(-1)
+    if ids.size and not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"trm.merge: {label} must hold integer class ids, got {ids.dtype}")
+    ids = ids.astype(np.int32)
+    if np.unique(ids).size != ids.size:
+        raise ValueError(f"trm.merge: {label} repeats class ids")
+    if ids.size and ids.min() < 0:
+        raise ValueError(f"trm.merge: {label} holds negative class ids")
+    return ids
+
+
+def merge(
+    apply_fn: ApplyFn,
+    base: PyTree,
+    previous: PyTree,
+    snapshots: Sequence[PyTree],
+    batches: Iterable[dict],
+    *,
+    task_classes: Any,
+    old_classes: Any,
+    config: ml_collections.ConfigDict,
+) -> tuple[PyTree, dict[str, Any]]:
+    """TRM merge of task ``t`` (see the module docstring for the subspace and objectives).
+
+    Args:
+      apply_fn: pure ``(params, images) -> logits`` over every class of the stream.
+      base: theta0. previous: theta_prev (= ``base`` for the first task).
+      snapshots: the K >= 1 snapshots of task t's trajectory; the last is the expert theta_t.
+      batches: iterable of ``{'image', 'label'}`` dicts from the current task only; drawn
+        lazily, at most ``max(1, steps)`` (or ``config.max_batches``) distinct ones are held
+        and cycled over.
+      task_classes: class ids of task t. old_classes: ids of earlier tasks (may be empty).
+      config: :func:`default_config`.
+
+    Returns:
+      ``(params, info)``: the merged parameters (dtypes of ``base``) and a dict with
+      ``alpha`` (coefficients, a pytree shaped like ``base`` with a ``[J]`` row per leaf),
+      ``alpha_groups`` (group name -> row), ``directions`` (column names), ``history``
+      (per-step numpy arrays ``loss``, ``align``, ``consistency``, ``responsiveness``,
+      ``reg``; terms at the coefficients *before* each step, unweighted), ``g_ref``,
+      ``g_init``, ``g_final`` (mean g at the reference, the init point and the result),
+      ``terms_init`` / ``terms_final`` (mean loss and unweighted terms at ``alpha_init`` and
+      at the result; these five average over the first ``eval_batches`` held batches),
+      ``active`` (terms with a
+      non-zero weight), ``batches`` / ``skipped_batches`` (held / ragged batches) and
+      ``seconds`` (wall time of the whole merge).
+
+    Raises:
+      ValueError: previous or a snapshot not shaped like base; bad class ids.
+      ConfigError: a bad config field, or no snapshots.
+      DataError: no batches, malformed batches, labels outside ``task_classes``, task and
+        old classes overlapping, class ids beyond the logits.
+      TrainingError: a non-finite loss (names the first step and term).
+    """
+    start = time.perf_counter()
+    validate_config(config)
+    snapshots = list(snapshots)
+    if not snapshots:
+        raise ConfigError("trm.merge: no snapshots (K = 0); keep at least the expert theta_t")
+    tv.check_like(
+        base,
+        previous,
+        *snapshots,
+        names=["previous"] + [f"snapshots[{k}]" for k in range(len(snapshots))],
+    )
+    task_ids = _class_ids(task_classes, "task_classes")
+    old_ids = _class_ids(old_classes, "old_classes")
+    if task_ids.size == 0:
+        raise DataError("trm.merge: task_classes is empty")
+    overlap = np.intersect1d(task_ids, old_ids)
+    if overlap.size:
+        raise DataError(
+            f"trm.merge: task_classes and old_classes overlap at {overlap[:10].tolist()}"
+        )
+
+    subspace, layout = build_subspace(
+        base,
+        previous,
+        snapshots,
+        directions=tuple(config.directions),
+        granularity=config.granularity,
+        init=config.init,
+        direction_dtype=config.direction_dtype,
+    )
+    dtype = subspace.alpha_init.dtype
+    ctx = make_context(previous, snapshots[-1], task_ids, old_ids, config, dtype)
+    weights = {name: float(config.weights[name]) for name in TERMS}
+    spec = Spec(
+        apply_fn=apply_fn,
+        align=ALIGN[config.align] if weights["align"] else None,
+        consistency=CONSISTENCY[config.consistency] if weights["consistency"] else None,
+        responsiveness=(
+            RESPONSIVENESS[config.responsiveness] if weights["responsiveness"] else None
+        ),
+        reg=reg_l2 if weights["reg"] else None,
+        layout=layout,
+    )
+    hyper = Hyper(
+        learning_rate=jnp.asarray(config.learning_rate, dtype),
+        weights={name: jnp.asarray(w, dtype) for name, w in weights.items()},
+    )
+    measure = MEASURES[config.responsiveness]
+    reference = base if config.g_ref == "base" else previous
+    seed_key = jax.random.key(config.seed)
+    probe_key = jax.random.fold_in(jax.random.key(config.probe.seed), 1)
+    num_logits: list[int] = []
+
+    def make_targets(batch: dict, index: int) -> dict:
+        size = int(jnp.shape(batch["label"])[0])
+        probe_size = min(size, config.probe.batch_size) if config.probe.batch_size else size
+        targets = compute_targets(
+            reference,
+            batch,
+            ctx,
+            jax.random.fold_in(seed_key, index),
+            jax.random.fold_in(probe_key, index),
+            apply_fn=apply_fn,
+            measure=measure,
+            probe_size=probe_size,
+        )
+        if not num_logits:
+            num_logits.append(int(targets["expert_logits"].shape[-1]))
+            if int(ctx.seen_classes.max()) >= num_logits[0]:
+                raise DataError(
+                    f"trm.merge: class id {int(ctx.seen_classes.max())} is beyond the "
+                    f"{num_logits[0]} logits apply_fn returns"
+                )
+        return targets
+
+    cache = _BatchCache(batches, config.max_batches or max(1, config.steps), make_targets, task_ids)
+    state = init_state(subspace)
+    records = []
+    for step in range(config.steps):
+        batch, targets = cache.get(step)
+        state, terms = train_step(state, subspace, batch, targets, ctx, hyper, spec=spec)
+        records.append(terms)
+    if not cache.entries:
+        cache.get(0)  # steps = 0: still draw one batch for the g measurements
+
+    history = {
+        name: np.asarray(jax.device_get([r[name] for r in records]), np.float64).reshape(-1)
+        for name in ("loss", *TERMS)
+    }
+    _check_finite_history(history, [name for name in TERMS if weights[name]])
+
+    params = combine(subspace, state.alpha, layout)
+    g_ref, g_init, g_final, terms_init, terms_final = [], [], [], [], []
+    for batch, targets in cache.entries[: config.eval_batches or None]:
+        g_ref.append(targets["g_ref"])
+        loss, terms = evaluate(subspace.alpha_init, subspace, batch, targets, ctx, hyper, spec=spec)
+        terms_init.append({"loss": loss, **terms})
+        g_init.append(
+            measure_g(subspace.anchor, batch, targets, ctx, apply_fn=apply_fn, measure=measure)
+        )
+        if config.steps:  # otherwise the result is the init point: same numbers
+            loss, terms = evaluate(state.alpha, subspace, batch, targets, ctx, hyper, spec=spec)
+            terms_final.append({"loss": loss, **terms})
+            g_final.append(
+                measure_g(params, batch, targets, ctx, apply_fn=apply_fn, measure=measure)
+            )
+    if not config.steps:
+        terms_final, g_final = terms_init, g_init
+    params = jax.block_until_ready(params)
+    alpha = np.asarray(state.alpha)
+    info = {
+        "alpha": alpha_tree(state.alpha, layout, base),
+        "alpha_groups": dict(zip(layout.group_names, alpha, strict=True)),
+        "directions": layout.direction_names,
+        "history": history,
+        "g_ref": float(np.mean(jax.device_get(g_ref))),
+        "g_init": float(np.mean(jax.device_get(g_init))),
+        "g_final": float(np.mean(jax.device_get(g_final))),
+        "terms_init": _mean_terms(terms_init),
+        "terms_final": _mean_terms(terms_final),
+        "active": tuple(name for name in TERMS if weights[name]),
+        "batches": len(cache.entries),
+        "skipped_batches": cache.skipped,
+        "seconds": time.perf_counter() - start,
+    }
+    return params, info
+
+
+def _mean_terms(records: list[dict]) -> dict[str, float]:
+    """Mean of each term over the held batches, as Python floats."""
+    records = jax.device_get(records)
+    return {name: float(np.mean([r[name] for r in records])) for name in records[0]}
+
+
+def _check_finite_history(history: dict[str, np.ndarray], active: Sequence[str]) -> None:
+    """Raise ``TrainingError`` naming the first step whose loss is not finite and the active
+    terms that were not finite there."""
+    bad = ~np.isfinite(history["loss"])
+    if not bad.any():
+        return
+    step = int(np.argmax(bad))
+    terms = [name for name in active if not np.isfinite(history[name][step])] or ["loss"]
+    raise TrainingError(
+        f"trm.merge: non-finite loss at step {step} (term {', '.join(terms)}: "
+        f"{', '.join(f'{n}={history[n][step]}' for n in terms)}); lower learning_rate or "
+        "that term's weight"
+    )
