@@ -2,8 +2,9 @@
 
 A task vector is ``tau = finetuned - base``, leaf by leaf over a parameter pytree
 (nested dicts of arrays). Everything here is pure and jit-able; structure or shape
-mismatches raise ``ValueError`` naming the offending leaf path, so a wrong checkpoint
-never merges silently.
+mismatches raise ``TreeMismatchError`` (a ``ValueError``) naming the offending leaf path,
+and NaN/Inf is reported as ``NonFiniteError`` (a ``ValueError``) naming every bad leaf,
+so a wrong or diverged checkpoint never merges silently.
 """
 
 from __future__ import annotations
@@ -14,8 +15,19 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
+
+from trm_jax.errors import TrainingError, TRMError
 
 PyTree = Any
+
+
+class TreeMismatchError(TRMError, ValueError):
+    """Two parameter trees differ in structure or in a leaf's shape (message names the leaf)."""
+
+
+class NonFiniteError(TrainingError, ValueError):
+    """A merge input or output holds NaN or Inf (message names every bad leaf)."""
 
 
 def leaf_names(tree: PyTree) -> list[str]:
@@ -37,43 +49,73 @@ def path_to_name(path) -> str:
     return "/".join(parts)
 
 
+def tree_size(tree: PyTree) -> int:
+    """Total number of elements over every leaf (static: works on tracers too)."""
+    return sum(int(np.prod(jnp.shape(x), dtype=np.int64)) for x in jax.tree.leaves(tree))
+
+
+def is_traced(tree: PyTree) -> bool:
+    """True when any leaf is a tracer (we are inside ``jit``/``grad``: values unknown)."""
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
 def check_like(reference: PyTree, *others: PyTree, names: Sequence[str] | None = None) -> None:
-    """Raise ``ValueError`` unless every tree in ``others`` matches ``reference``.
+    """Raise ``TreeMismatchError`` unless every tree in ``others`` matches ``reference``.
 
     Checks tree structure first (reporting missing and extra leaf paths), then each
     leaf's shape (reporting the first mismatched path). ``names`` labels the trees in
-    the message (default ``tree[i]``).
+    the message (default ``tree[i]``). Only shapes are read, so it also works under jit.
     """
-    ref_names = leaf_names(reference)
-    ref_leaves = jax.tree.leaves(reference)
+    ref_structure = jax.tree.structure(reference)
+    ref_shapes = [jnp.shape(x) for x in jax.tree.leaves(reference)]
     for i, other in enumerate(others):
+        if jax.tree.structure(other) == ref_structure and ref_shapes == [
+            jnp.shape(x) for x in jax.tree.leaves(other)
+        ]:
+            continue  # the common case, without building leaf names
         label = names[i] if names is not None else f"tree[{i}]"
-        other_names = leaf_names(other)
-        if other_names != ref_names or (
-            jax.tree.structure(other) != jax.tree.structure(reference)
-        ):
+        ref_names, other_names = leaf_names(reference), leaf_names(other)
+        if other_names != ref_names or jax.tree.structure(other) != ref_structure:
             missing = sorted(set(ref_names) - set(other_names))
             extra = sorted(set(other_names) - set(ref_names))
-            raise ValueError(
+            raise TreeMismatchError(
                 f"{label} does not match the base tree structure: "
                 f"missing {missing[:10]}, extra {extra[:10]}"
             )
-        for name, a, b in zip(ref_names, ref_leaves, jax.tree.leaves(other), strict=True):
-            if jnp.shape(a) != jnp.shape(b):
-                raise ValueError(
-                    f"{label} leaf '{name}' has shape {jnp.shape(b)}, base has {jnp.shape(a)}"
+        for name, a, b in zip(ref_names, ref_shapes, jax.tree.leaves(other), strict=True):
+            if a != jnp.shape(b):
+                raise TreeMismatchError(
+                    f"{label} leaf '{name}' has shape {jnp.shape(b)}, base has {a}"
                 )
 
 
+@jax.jit
+def _all_finite(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x))
+
+
+def finite_leaves(tree: PyTree) -> np.ndarray:
+    """Boolean array, one entry per leaf (``leaf_names`` order): all values finite.
+
+    One small jitted reduction per leaf (compiled once per leaf shape, dispatched
+    asynchronously) and a single device->host transfer for the flags.
+    """
+    flags = [_all_finite(x) for x in jax.tree.leaves(tree)]
+    return np.asarray(jax.device_get(flags), bool).reshape(len(flags))
+
+
 def check_finite(tree: PyTree, label: str = "tree") -> None:
-    """Raise ``ValueError`` naming every leaf that holds NaN or Inf (concrete arrays only)."""
-    bad = [
-        name
-        for name, leaf in zip(leaf_names(tree), jax.tree.leaves(tree), strict=True)
-        if not bool(jnp.all(jnp.isfinite(leaf)))
-    ]
-    if bad:
-        raise ValueError(f"{label} has non-finite values in leaves {bad[:10]}")
+    """Raise ``NonFiniteError`` naming every leaf that holds NaN or Inf.
+
+    Needs concrete values: under ``jit`` (tracer leaves) there is nothing to inspect and
+    it returns without checking.
+    """
+    if is_traced(tree):
+        return
+    ok = finite_leaves(tree)
+    if not ok.all():
+        bad = [name for name, good in zip(leaf_names(tree), ok, strict=True) if not good]
+        raise NonFiniteError(f"{label} has non-finite values in leaves {bad[:10]}")
 
 
 def task_vector(finetuned: PyTree, base: PyTree) -> PyTree:
@@ -93,6 +135,17 @@ def maxmag2(a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.where(jnp.abs(b) > jnp.abs(a), b, a)
 
 
+def maxmag_leaves(*xs: jax.Array) -> jax.Array:
+    """``maxmag`` of single arrays: a left fold carrying ``|best|`` so XLA fuses it into
+    one pass over the inputs without recomputing the chain of selects."""
+    best, best_abs = xs[0], jnp.abs(xs[0])
+    for x in xs[1:]:
+        x_abs = jnp.abs(x)
+        take = x_abs > best_abs
+        best, best_abs = jnp.where(take, x, best), jnp.where(take, x_abs, best_abs)
+    return best
+
+
 def maxmag(*trees: PyTree) -> PyTree:
     """Per element, the value with the largest magnitude across ``trees`` (MagMax).
 
@@ -101,10 +154,7 @@ def maxmag(*trees: PyTree) -> PyTree:
     """
     if not trees:
         raise ValueError("maxmag needs at least one tree")
-    out = trees[0]
-    for tree in trees[1:]:
-        out = jax.tree.map(maxmag2, out, tree)
-    return out
+    return jax.tree.map(maxmag_leaves, *trees)
 
 
 def name_mask(

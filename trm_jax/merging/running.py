@@ -1,0 +1,159 @@
+"""Running (incremental) merges with O(1) state: fold task vectors in one at a time.
+
+A continual-learning stream should not keep every task vector: for the rules whose
+merge is a fold, the state is one parameter-sized tree plus a counter, whatever the
+number of tasks, and the result equals the batch rule in ``baselines`` (same float
+operations in the same order, so the two agree to the last bit on one device)::
+
+    state = running.init("magmax", base)
+    for tau in task_vectors:            # e.g. one per task, as it is produced
+        state = running.update(state, tau)
+    merged = running.result(base, state, lam=0.5)   # == merging.magmax(base, taus, lam=0.5)
+
+``result`` takes exactly the hparams of the matching batch rule (``average``: none;
+``task_arithmetic`` and ``magmax``: ``lam``), so ``merging.hparams_for`` serves both.
+States are NamedTuples (pytrees): checkpoint them like any other state.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from trm_jax.merging.task_vectors import (
+    NonFiniteError,
+    check_finite,
+    check_like,
+    finite_leaves,
+    is_traced,
+    leaf_names,
+    maxmag2,
+)
+
+PyTree = Any
+
+
+class AverageState(NamedTuple):
+    """Left-to-right float32 sum of the task vectors and how many were added."""
+
+    total: PyTree
+    count: jax.Array
+
+
+class TaskArithmeticState(NamedTuple):
+    """Left-to-right float32 sum of the task vectors and how many were added."""
+
+    total: PyTree
+    count: jax.Array
+
+
+class MagMaxState(NamedTuple):
+    """Per element the largest-magnitude entry so far (ties to the earliest task)."""
+
+    best: PyTree
+    count: jax.Array
+
+
+State = AverageState | TaskArithmeticState | MagMaxState
+
+STATES: dict[str, type] = {
+    "average": AverageState,
+    "task_arithmetic": TaskArithmeticState,
+    "magmax": MagMaxState,
+}
+
+
+def _f32(x: jax.Array) -> jax.Array:
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def init(rule: str, like: PyTree) -> State:
+    """Empty state for ``rule`` with leaves shaped like ``like`` (zeros, >= float32)."""
+    if rule not in STATES:
+        raise KeyError(f"no running form for merge rule {rule!r}; choose one of {sorted(STATES)}")
+    zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), _f32(jnp.asarray(x)).dtype), like)
+    return STATES[rule](zeros, jnp.zeros((), jnp.int32))
+
+
+@jax.jit
+def _add_leaf(total: jax.Array, t: jax.Array) -> jax.Array:
+    return total + _f32(t)
+
+
+@jax.jit
+def _maxmag_leaf(best: jax.Array, t: jax.Array) -> jax.Array:
+    # The ``+ 0 * t`` makes a NaN/Inf in t visible in the state (maxmag alone skips NaN).
+    return maxmag2(best, _f32(t)) + _f32(t) * 0.0
+
+
+def update(state: State, tv: PyTree) -> State:
+    """Fold one task vector into the state. Raises ``TreeMismatchError`` (shape/structure)
+    or ``NonFiniteError`` naming the task vector's NaN/Inf leaves."""
+    if not isinstance(state, tuple(STATES.values())):
+        raise TypeError(f"not a running-merge state: {type(state).__name__}")
+    tree = state.best if isinstance(state, MagMaxState) else state.total
+    check_like(tree, tv, names=["task vector"])
+    # Leaf by leaf, each leaf's rule compiled once per shape (as in ``baselines``).
+    fold = _maxmag_leaf if isinstance(state, MagMaxState) else _add_leaf
+    new_tree = jax.tree.map(fold, tree, tv)
+    new = type(state)(new_tree, state.count + 1)
+    if not is_traced(new_tree):
+        ok = finite_leaves(new_tree)
+        if not ok.all():
+            check_finite(tv, f"task vector #{int(state.count)}")
+            bad = [n for n, good in zip(leaf_names(new_tree), ok, strict=True) if not good]
+            raise NonFiniteError(
+                f"running merge overflowed to non-finite values in leaves {bad[:10]}"
+            )
+    return new
+
+
+@jax.jit
+def _scaled_leaf(b: jax.Array, s: jax.Array, scale: jax.Array) -> jax.Array:
+    return (_f32(b) + scale * s).astype(b.dtype)
+
+
+def _scaled(base: PyTree, tree: PyTree, scale: Any) -> PyTree:
+    scale = jnp.asarray(scale, jnp.float32)
+    return jax.tree.map(lambda b, s: _scaled_leaf(b, s, scale), base, tree)
+
+
+def _average_result(base: PyTree, state: AverageState) -> PyTree:
+    # 1/count rounded exactly as the batch rule rounds 1/T (a Python float), when known.
+    count = state.count
+    scale = (
+        1.0 / count.astype(jnp.float32) if isinstance(count, jax.core.Tracer) else 1.0 / int(count)
+    )
+    return _scaled(base, state.total, scale)
+
+
+def _task_arithmetic_result(
+    base: PyTree, state: TaskArithmeticState, *, lam: float | jax.Array = 1.0
+) -> PyTree:
+    return _scaled(base, state.total, lam)
+
+
+def _magmax_result(base: PyTree, state: MagMaxState, *, lam: float | jax.Array = 0.5) -> PyTree:
+    return _scaled(base, state.best, lam)
+
+
+_RESULTS = {
+    AverageState: _average_result,
+    TaskArithmeticState: _task_arithmetic_result,
+    MagMaxState: _magmax_result,
+}
+
+
+def result(base: PyTree, state: State, **hparams: Any) -> PyTree:
+    """The merged parameters: ``base + (1/count) total`` (average), ``base + lam total``
+    (task_arithmetic) or ``base + lam best`` (magmax), in each base leaf's dtype.
+    ``hparams`` are exactly the batch rule's keyword arguments (defaults included)."""
+    fn = _RESULTS.get(type(state))
+    if fn is None:
+        raise TypeError(f"not a running-merge state: {type(state).__name__}")
+    if not isinstance(state.count, jax.core.Tracer) and int(state.count) == 0:
+        raise ValueError("running merge has no task vectors yet: call update() first")
+    check_like(base, state[0], names=["running state"])
+    return fn(base, state, **hparams)
