@@ -1,0 +1,223 @@
+r"""TRM merge cost: time relative to one fine-tuning epoch, and peak memory.
+
+For each model, with random weights standing in for theta0, theta_prev and the K
+snapshots of a task (the cost does not depend on the values):
+
+- ``epoch_s``: seconds per jitted train step (``bench_train.time_train_step``, the same
+  batch size) x ``ceil(--epoch_images / --batch_size)`` steps. The default epoch is one
+  CIFAR-100 task of a 10-task split (50000 / 10 = 5000 images).
+- ``merge_s``: wall time of ``trm.merge`` with ``--merge_steps`` coefficient steps
+  (default: the TRM default, 100), compiled already (a first, untimed call compiles).
+  With ``--timed_steps`` < ``--merge_steps`` (for slow CPUs) the merge is timed at 0 and
+  at ``--timed_steps`` steps and extrapolated linearly:
+  ``t(N) = t(0) + N * (t(S) - t(0)) / S`` (each step also draws a new batch and computes
+  its targets, as in a real merge). The table says which.
+- ``ratio = merge_s / epoch_s``, and the same against the task's whole fine-tuning
+  (``--task_epochs`` epochs).
+- peak memory of the merge: ``device.memory_stats()['peak_bytes_in_use']`` where the
+  backend reports it (GPU, TPU; a process-lifetime peak, so the models run from small to
+  large and the merge runs before the fine-tuning step is timed); on CPU, the peak
+  resident set size of the process sampled every 5 ms during the timed merge (psutil),
+  and that peak minus the RSS just before it. TRM holds up to ``max(steps, 1)`` distinct
+  batches (``trm`` config ``max_batches = 0``), so an extrapolated run holds fewer
+  batches than the full merge would: add ``(merge_steps - timed_steps) x batch bytes``.
+
+    python experiments/bench_trm.py --models=vit_tiny,vit_b16 --K=4 \
+        --direction_dtype=bfloat16 --batch_size=128
+
+It accepts every flag of ``bench_train.py`` (``--image_size``, ``--dtype``, ...).
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import bench_train
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+from trm_jax import train
+from trm_jax.merging import trm
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("K", 4, "Trajectory snapshots per task.")
+flags.DEFINE_integer("merge_steps", 100, "TRM coefficient steps of the merge being costed.")
+flags.DEFINE_integer("timed_steps", 0, "> 0: time this many steps and extrapolate.")
+flags.DEFINE_enum("direction_dtype", "float32", ["float32", "bfloat16"], "Storage of D.")
+flags.DEFINE_integer("epoch_images", 5000, "Images in one fine-tuning epoch of the task.")
+flags.DEFINE_integer("task_epochs", 10, "Fine-tuning epochs per task (MagMax: 10 on CIFAR-100).")
+flags.DEFINE_integer("old_classes", 50, "Classes of earlier tasks (consistency term).")
+flags.DEFINE_integer("task_classes", 10, "Classes of the current task.")
+flags.DEFINE_integer("probe_batch_size", 0, "trm probe.batch_size (0 = the whole batch).")
+flags.DEFINE_integer("max_batches", 0, "trm max_batches (0 = up to merge steps).")
+flags.FLAGS.set_default("models", ["vit_tiny", "vit_b16"])
+flags.FLAGS.set_default("steps", 5)
+
+
+class PeakMemory:
+    """Peak memory while the block runs: device stats when available, else sampled RSS."""
+
+    def __init__(self):
+        stats = jax.devices()[0].memory_stats()
+        self.source = "device peak_bytes_in_use" if stats else "host RSS (psutil, 5 ms)"
+        self.peak = self.before = 0
+
+    def __enter__(self):
+        stats = jax.devices()[0].memory_stats()
+        if stats:
+            self.before = stats.get("bytes_in_use", 0)
+            return self
+        import psutil
+
+        self._proc = psutil.Process()
+        self.before = self.peak = self._proc.memory_info().rss
+        self._stop = threading.Event()
+
+        def sample():
+            while not self._stop.wait(0.005):
+                self.peak = max(self.peak, self._proc.memory_info().rss)
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        stats = jax.devices()[0].memory_stats()
+        if stats:
+            self.peak = stats.get("peak_bytes_in_use", 0)
+        else:
+            self._stop.set()
+            self._thread.join()
+            self.peak = max(self.peak, self._proc.memory_info().rss)
+
+
+def merge_inputs(backbone, k: int):
+    """theta0, theta_prev, K snapshots (random, plausible magnitudes) and an apply_fn."""
+    base = backbone.params
+    rng = np.random.default_rng(0)
+    noise = lambda scale: jax.tree.map(
+        lambda p: jnp.asarray(scale * rng.standard_normal(p.shape, np.float32)), base
+    )
+    previous = jax.tree.map(jnp.add, base, noise(1e-3))
+    step = noise(1e-3)
+    snapshots = [
+        jax.tree.map(lambda p, d, s=s: p + (s / k) * d, previous, step) for s in range(1, k + 1)
+    ]
+    num_classes = FLAGS.old_classes + FLAGS.task_classes
+    rows = jax.random.normal(jax.random.key(1), (num_classes, backbone.feature_dim))
+    features_fn = backbone.features_fn
+
+    def apply_fn(params, images):
+        return train.cosine_logits(features_fn(params, images), rows, 100.0)
+
+    return base, previous, snapshots, apply_fn
+
+
+def batches(backbone, batch_size: int):
+    """Endless distinct batches of the current task (preprocessed float32 images)."""
+    rng = np.random.default_rng(1)
+    s, c = backbone.image_size, backbone.channels
+    while True:
+        yield {
+            "image": rng.uniform(-1, 1, (batch_size, s, s, c)).astype(np.float32),
+            "label": rng.integers(
+                FLAGS.old_classes, FLAGS.old_classes + FLAGS.task_classes, batch_size
+            ).astype(np.int32),
+        }
+
+
+def timed_merge(inputs, backbone, steps: int) -> tuple[float, dict]:
+    base, previous, snapshots, apply_fn = inputs
+    config = trm.default_config()
+    config.steps = steps
+    config.direction_dtype = FLAGS.direction_dtype
+    config.probe.batch_size = FLAGS.probe_batch_size
+    config.max_batches = FLAGS.max_batches
+    t0 = time.perf_counter()
+    params, info = trm.merge(
+        apply_fn,
+        base,
+        previous,
+        snapshots,
+        batches(backbone, FLAGS.batch_size),
+        task_classes=np.arange(FLAGS.old_classes, FLAGS.old_classes + FLAGS.task_classes),
+        old_classes=np.arange(FLAGS.old_classes),
+        config=config,
+    )
+    jax.block_until_ready(params)
+    return time.perf_counter() - t0, info
+
+
+def bench_model(name: str) -> dict:
+    backbone = bench_train.build(name, FLAGS.image_size, FLAGS.dtype)
+    inputs = merge_inputs(backbone, FLAGS.K)
+    timed = FLAGS.timed_steps if 0 < FLAGS.timed_steps < FLAGS.merge_steps else FLAGS.merge_steps
+    compile_s, _ = timed_merge(inputs, backbone, 1)  # compiles every jitted piece
+    with PeakMemory() as mem:
+        merge_s, _ = timed_merge(inputs, backbone, timed)
+    how = "measured"
+    if timed < FLAGS.merge_steps:
+        fixed_s, _ = timed_merge(inputs, backbone, 0)
+        merge_s = fixed_s + FLAGS.merge_steps * (merge_s - fixed_s) / timed
+        how = f"extrapolated from {timed}"
+    del inputs
+    step_s, _, _ = bench_train.time_train_step(
+        backbone,
+        batch_size=FLAGS.batch_size,
+        steps=FLAGS.steps,
+        warmup=FLAGS.warmup,
+        classes=FLAGS.old_classes + FLAGS.task_classes,
+        grad_accum=FLAGS.grad_accum,
+        dtype=FLAGS.dtype,
+        fsdp=FLAGS.fsdp,
+    )
+    epoch_s = step_s * math.ceil(FLAGS.epoch_images / FLAGS.batch_size)
+    return {
+        "model": name,
+        "image": backbone.image_size,
+        "merge_s": merge_s,
+        "how": how,
+        "first_call_s": compile_s,
+        "step_s": step_s,
+        "epoch_s": epoch_s,
+        "ratio": merge_s / epoch_s,
+        "task_ratio": merge_s / (epoch_s * FLAGS.task_epochs),
+        "mem_source": mem.source,
+        "peak_gb": mem.peak / 2**30,
+        "delta_gb": (mem.peak - mem.before) / 2**30,
+    }
+
+
+def main(argv):
+    del argv
+    print(
+        f"devices: {bench_train.describe_devices()}; K={FLAGS.K}; merge steps "
+        f"{FLAGS.merge_steps}; directions {FLAGS.direction_dtype}; compute {FLAGS.dtype}; "
+        f"batch {FLAGS.batch_size}; probe batch {FLAGS.probe_batch_size or 'all'}; "
+        f"max_batches {FLAGS.max_batches or 'steps'}; epoch {FLAGS.epoch_images} images"
+    )
+    header = (
+        "| model | image | TRM merge (s) | how | first call incl. compile (s) | train step (s) "
+        f"| epoch (s) | merge / epoch | merge / {FLAGS.task_epochs} epochs "
+        "| merge peak memory (GiB) | over pre-merge (GiB) "
+        "| memory source |"
+    )
+    print(header)
+    print("|---" * (header.count("|") - 1) + "|")
+    for name in FLAGS.models:
+        r = bench_model(name)
+        print(
+            f"| {r['model']} | {r['image']} | {r['merge_s']:.1f} | {r['how']} | "
+            f"{r['first_call_s']:.1f} | {r['step_s']:.3f} | {r['epoch_s']:.1f} | "
+            f"{r['ratio']:.1%} | {r['task_ratio']:.1%} | {r['peak_gb']:.2f} | "
+            f"{r['delta_gb']:.2f} | {r['mem_source']} |",
+            flush=True,
+        )
+
+
+if __name__ == "__main__":
+    app.run(main)
