@@ -1,0 +1,110 @@
+r"""Run several methods x seeds on one config and write the comparison table + plot.
+
+    python experiments/compare_methods.py --config configs/default.py \
+        --methods zeroshot,seq_ft,average,task_arithmetic,ties,magmax,trm,joint \
+        --seeds 0,1,2 --workdir runs/compare
+
+Each (method, seed) runs in ``<workdir>/<method>_s<seed>`` (a finished run is reused, an
+interrupted one resumes); the pre-trained theta_0 comes from the shared cache, so it is
+trained once. Writes ``<workdir>/compare.md`` (mean ± std over seeds of last accuracy,
+average incremental accuracy, forgetting, onset gradient norm, merge seconds, wall
+seconds per run) and ``<workdir>/compare.png``. ``--config.x=y`` overrides apply to
+every run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
+_METHODS = flags.DEFINE_string(
+    "methods",
+    "zeroshot,seq_ft,average,task_arithmetic,ties,magmax,trm,joint",
+    "Comma-separated merge.method values.",
+)
+_SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
+_JAX_CACHE = flags.DEFINE_string(
+    "jax_cache", "~/.cache/trm_jax/jax_cache", "Persistent compilation cache ('' = off)."
+)
+flags.mark_flags_as_required(["config", "workdir"])
+
+WALL_COLUMN = ("wall_seconds", "wall s / run", 1.0, ".3g")
+
+
+def run_all(config, methods, seeds, workdir):
+    from trm_jax import continual
+
+    rows = []
+    for method in methods:
+        for seed in seeds:
+            cfg = config.copy_and_resolve_references()
+            cfg.unlock()
+            cfg.merge.method = method
+            cfg.seed = seed
+            cfg.debug.progress = False
+            wd = os.path.join(workdir, f"{method}_s{seed}")
+            timing_path = os.path.join(wd, "wall_seconds.json")
+            finished = os.path.exists(os.path.join(wd, "metrics.json"))
+            t0 = time.perf_counter()
+            record = continual.run(cfg, wd)
+            wall = time.perf_counter() - t0
+            if finished and os.path.exists(timing_path):
+                with open(timing_path) as f:  # a reused finished run: keep its own timing
+                    wall = json.load(f)["wall_seconds"]
+            else:
+                with open(timing_path, "w") as f:
+                    json.dump({"wall_seconds": wall}, f)
+            record = dict(record, wall_seconds=wall)
+            rows.append(record)
+            print(
+                f"{method} seed {seed}: last acc {record['last_accuracy']:.4f} "
+                f"avg inc {record['avg_incremental_accuracy']:.4f} wall {wall:.1f}s",
+                flush=True,
+            )
+    return rows
+
+
+def main(argv):
+    del argv
+    from trm_jax import report
+    from trm_jax.continual import enable_compilation_cache
+    from trm_jax.errors import TRMError
+
+    enable_compilation_cache(_JAX_CACHE.value)
+    if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
+        logging.set_verbosity(logging.WARNING)
+    methods = [m for m in _METHODS.value.split(",") if m]
+    seeds = [int(s) for s in _SEEDS.value.split(",") if s]
+    workdir = _WORKDIR.value
+    os.makedirs(workdir, exist_ok=True)
+    t0 = time.perf_counter()
+    try:
+        rows = run_all(_CONFIG.value, methods, seeds, workdir)
+    except (TRMError, KeyError) as e:
+        print(f"error: {e.args[0] if e.args else e}", file=sys.stderr)
+        sys.exit(2)
+    columns = (*report.COMPARE_COLUMNS, WALL_COLUMN)
+    table = report.compare_table(rows, columns)
+    total = time.perf_counter() - t0
+    text = (
+        f"Methods x seeds {seeds} on `{_CONFIG.value.data.name}` "
+        f"({_CONFIG.value.data.num_tasks} tasks, head `{_CONFIG.value.model.head}`, "
+        f"chain `{_CONFIG.value.merge.chain}`); total wall {total:.0f}s.\n\n{table}"
+    )
+    with open(os.path.join(workdir, "compare.md"), "w") as f:
+        f.write(text)
+    report.compare_plot(rows, os.path.join(workdir, "compare.png"))
+    print(text)
+
+
+if __name__ == "__main__":
+    app.run(main)
