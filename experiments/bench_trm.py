@@ -6,8 +6,12 @@ snapshots of a task (the cost does not depend on the values):
 - ``epoch_s``: seconds per jitted train step (``bench_train.time_train_step``, the same
   batch size) x ``ceil(--epoch_images / --batch_size)`` steps. The default epoch is one
   CIFAR-100 task of a 10-task split (50000 / 10 = 5000 images).
-- ``merge_s``: wall time of ``trm.merge`` with ``--merge_steps`` coefficient steps
-  (default: the TRM default, 100), compiled already (a first, untimed call compiles).
+- ``merge_s``: wall time of ``trm.merge`` with ``--merge_steps`` coefficient steps,
+  compiled already (a first, untimed call compiles). Every TRM field the flags below
+  name (steps, ``batch_size``, ``probe.batch_size``, ``responsiveness_every``,
+  ``max_batches``, ``eval_batches``) defaults to ``trm.default_config()``'s value
+  (flag value -1); the data pipeline yields batches of ``--batch_size``, which TRM splits
+  into chunks of its own ``batch_size``.
   With ``--timed_steps`` < ``--merge_steps`` (for slow CPUs) the merge is timed at 0 and
   at ``--timed_steps`` steps and extrapolated linearly:
   ``t(N) = t(0) + N * (t(S) - t(0)) / S`` (each step also draws a new batch and computes
@@ -18,12 +22,18 @@ snapshots of a task (the cost does not depend on the values):
   backend reports it (GPU, TPU; a process-lifetime peak, so the models run from small to
   large and the merge runs before the fine-tuning step is timed); on CPU, the peak
   resident set size of the process sampled every 5 ms during the timed merge (psutil),
-  and that peak minus the RSS just before it. TRM holds up to ``max(steps, 1)`` distinct
-  batches (``trm`` config ``max_batches = 0``), so an extrapolated run holds fewer
-  batches than the full merge would: add ``(merge_steps - timed_steps) x batch bytes``.
+  and that peak minus the RSS just before it. TRM holds up to ``max_batches`` distinct
+  chunks (``max(steps, 1)`` when 0), so with ``max_batches = 0`` an extrapolated run
+  holds fewer batches than the full merge would: add
+  ``(merge_steps - timed_steps) x chunk bytes``. Extrapolation is exact only while every
+  step draws a new chunk (``max_batches = 0``).
 
     python experiments/bench_trm.py --models=vit_tiny,vit_b16 --K=4 \
         --direction_dtype=bfloat16 --batch_size=128
+    # the pre-change library default, for comparison:
+    python experiments/bench_trm.py --models=vit_tiny --batch_size=128 --merge_steps=100 \
+        --merge_batch_size=0 --probe_batch_size=32 --responsiveness_every=1 \
+        --max_batches=0 --eval_batches=4 --merge_lr=0.01
 
 It accepts every flag of ``bench_train.py`` (``--image_size``, ``--dtype``, ...).
 """
@@ -45,15 +55,20 @@ from trm_jax.merging import trm
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("K", 4, "Trajectory snapshots per task.")
-flags.DEFINE_integer("merge_steps", 100, "TRM coefficient steps of the merge being costed.")
+flags.DEFINE_integer("merge_steps", -1, "TRM steps of the merge being costed (-1 = default).")
 flags.DEFINE_integer("timed_steps", 0, "> 0: time this many steps and extrapolate.")
 flags.DEFINE_enum("direction_dtype", "float32", ["float32", "bfloat16"], "Storage of D.")
 flags.DEFINE_integer("epoch_images", 5000, "Images in one fine-tuning epoch of the task.")
 flags.DEFINE_integer("task_epochs", 10, "Fine-tuning epochs per task (MagMax: 10 on CIFAR-100).")
 flags.DEFINE_integer("old_classes", 50, "Classes of earlier tasks (consistency term).")
 flags.DEFINE_integer("task_classes", 10, "Classes of the current task.")
-flags.DEFINE_integer("probe_batch_size", 0, "trm probe.batch_size (0 = the whole batch).")
-flags.DEFINE_integer("max_batches", 0, "trm max_batches (0 = up to merge steps).")
+# -1 = trm.default_config()'s value for each of these.
+flags.DEFINE_float("merge_lr", -1, "trm learning_rate (no effect on cost).")
+flags.DEFINE_integer("merge_batch_size", -1, "trm batch_size (0 = the --batch_size batches).")
+flags.DEFINE_integer("probe_batch_size", -1, "trm probe.batch_size (0 = the whole batch).")
+flags.DEFINE_integer("responsiveness_every", -1, "trm responsiveness_every.")
+flags.DEFINE_integer("max_batches", -1, "trm max_batches (0 = up to merge steps).")
+flags.DEFINE_integer("eval_batches", -1, "trm eval_batches (0 = every held batch).")
 flags.FLAGS.set_default("models", ["vit_tiny", "vit_b16"])
 flags.FLAGS.set_default("steps", 5)
 
@@ -130,13 +145,31 @@ def batches(backbone, batch_size: int):
         }
 
 
+def merge_config(steps: int | None = None):
+    """``trm.default_config()`` with the flags that are not -1 applied."""
+    config = trm.default_config()
+    config.direction_dtype = FLAGS.direction_dtype
+    fields = {
+        "steps": FLAGS.merge_steps,
+        "learning_rate": FLAGS.merge_lr,
+        "batch_size": FLAGS.merge_batch_size,
+        "responsiveness_every": FLAGS.responsiveness_every,
+        "max_batches": FLAGS.max_batches,
+        "eval_batches": FLAGS.eval_batches,
+    }
+    for name, value in fields.items():
+        if value != -1:
+            config[name] = type(config[name])(value)
+    if FLAGS.probe_batch_size != -1:
+        config.probe.batch_size = FLAGS.probe_batch_size
+    if steps is not None:
+        config.steps = steps
+    return config
+
+
 def timed_merge(inputs, backbone, steps: int) -> tuple[float, dict]:
     base, previous, snapshots, apply_fn = inputs
-    config = trm.default_config()
-    config.steps = steps
-    config.direction_dtype = FLAGS.direction_dtype
-    config.probe.batch_size = FLAGS.probe_batch_size
-    config.max_batches = FLAGS.max_batches
+    config = merge_config(steps)
     t0 = time.perf_counter()
     params, info = trm.merge(
         apply_fn,
@@ -155,14 +188,15 @@ def timed_merge(inputs, backbone, steps: int) -> tuple[float, dict]:
 def bench_model(name: str) -> dict:
     backbone = bench_train.build(name, FLAGS.image_size, FLAGS.dtype)
     inputs = merge_inputs(backbone, FLAGS.K)
-    timed = FLAGS.timed_steps if 0 < FLAGS.timed_steps < FLAGS.merge_steps else FLAGS.merge_steps
+    total = merge_config().steps
+    timed = FLAGS.timed_steps if 0 < FLAGS.timed_steps < total else total
     compile_s, _ = timed_merge(inputs, backbone, 1)  # compiles every jitted piece
     with PeakMemory() as mem:
         merge_s, _ = timed_merge(inputs, backbone, timed)
     how = "measured"
-    if timed < FLAGS.merge_steps:
+    if timed < total:
         fixed_s, _ = timed_merge(inputs, backbone, 0)
-        merge_s = fixed_s + FLAGS.merge_steps * (merge_s - fixed_s) / timed
+        merge_s = fixed_s + total * (merge_s - fixed_s) / timed
         how = f"extrapolated from {timed}"
     del inputs
     step_s, _, _ = bench_train.time_train_step(
@@ -194,11 +228,14 @@ def bench_model(name: str) -> dict:
 
 def main(argv):
     del argv
+    c = merge_config()
     print(
-        f"devices: {bench_train.describe_devices()}; K={FLAGS.K}; merge steps "
-        f"{FLAGS.merge_steps}; directions {FLAGS.direction_dtype}; compute {FLAGS.dtype}; "
-        f"batch {FLAGS.batch_size}; probe batch {FLAGS.probe_batch_size or 'all'}; "
-        f"max_batches {FLAGS.max_batches or 'steps'}; epoch {FLAGS.epoch_images} images"
+        f"devices: {bench_train.describe_devices()}; K={FLAGS.K}; directions "
+        f"{FLAGS.direction_dtype}; compute {FLAGS.dtype}; data batch {FLAGS.batch_size}; "
+        f"epoch {FLAGS.epoch_images} images; trm steps {c.steps}, lr {c.learning_rate}, "
+        f"batch_size {c.batch_size or 'as given'}, probe {c.probe.batch_size or 'all'}, "
+        f"responsiveness_every {c.responsiveness_every}, max_batches "
+        f"{c.max_batches or 'steps'}, eval_batches {c.eval_batches or 'all'}"
     )
     header = (
         "| model | image | TRM merge (s) | how | first call incl. compile (s) | train step (s) "

@@ -347,6 +347,7 @@ def test_sharded_trm_merge_equals_unsharded():
     cfg = _cfg(2, 4)
     mesh = sharding.make_mesh(cfg)
     put = lambda tree: sharding.shard_params(tree, mesh, cfg)
+    compiled = trm.train_step._cache_size(), trm.evaluate._cache_size()
     out, info = trm.merge(
         apply_fn,
         put(base),
@@ -361,3 +362,7 @@ def test_sharded_trm_merge_equals_unsharded():
     # The merge moved away from its init point, and the result stays split over devices.
     assert ref_info["history"]["loss"][-1] < ref_info["history"]["loss"][0]
     assert _is_split(out["w1"])
+    # The coefficients and Adam state live on the mesh from step 0: the sharded merge
+    # compiled its step and its evaluation once each (not again after step 1).
+    assert trm.train_step._cache_size() - compiled[0] == 1
+    assert trm.evaluate._cache_size() - compiled[1] == 1

@@ -12,6 +12,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from trm_jax.errors import ConfigError, DataError, TrainingError
@@ -105,8 +106,15 @@ def _merge(stream, config, batches=None, fn=apply_fn):
 
 
 def _config(**overrides):
+    """``steps=0`` and the optimisation settings the numbers measured below were taken with
+    (learning rate 1e-2, L_GR on every step over 32 probe examples, batches as given, the
+    report over 4 batches), then ``overrides``."""
     config = trm.default_config()
-    config.steps = 0
+    config.update(
+        {"steps": 0, "learning_rate": 1e-2, "responsiveness_every": 1, "batch_size": 0,
+         "eval_batches": 4}
+    )
+    config.probe.batch_size = 32
     config.update(overrides)
     return config
 
@@ -235,8 +243,8 @@ def test_grad_sq_norm_backward_equals_reverse_over_reverse(stream):
 
     params = stream["snapshots"][-1]
     assert float(trm.grad_sq_norm(loss, params, data)) == pytest.approx(float(plain(params)))
-    got = jax.grad(lambda p: trm.grad_sq_norm(loss, p, data))(params)
-    want = jax.grad(plain)(params)
+    got = jax.jit(jax.grad(lambda p: trm.grad_sq_norm(loss, p, data)))(params)
+    want = jax.jit(jax.grad(plain))(params)
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * float(jnp.abs(b).max()))
 
@@ -304,8 +312,9 @@ def test_granularity_groups_share_coefficients(stream):
 
 def test_step_traces_once_across_steps_and_batches(stream, monkeypatch):
     """A counting objective registered under a new name (the swap point) runs only while
-    tracing: one trace of the step plus one of the evaluation, for 9 steps over 3 batches;
-    a ragged batch is skipped instead of retracing."""
+    tracing: one trace of the step plus one of the evaluation, for 9 steps over 3 batches,
+    with L_GR recomputed every 2nd step (a ``lax.cond`` inside the one step); a ragged batch
+    is skipped instead of retracing."""
     traces = []
 
     def counting_align(apply_fn, params, logits, batch, targets, ctx):
@@ -320,10 +329,124 @@ def test_step_traces_once_across_steps_and_batches(stream, monkeypatch):
     batches = stream["batches"][:2] + [{"image": stream["x"][:5], "label": stream["y"][:5]}]
     batches += stream["batches"][2:3]
     before = trm.train_step._cache_size()
-    _, info = _merge(stream, _config(steps=9, align="counting"), batches, fresh_apply)
+    config = _config(steps=9, align="counting", responsiveness_every=2)
+    _, info = _merge(stream, config, batches, fresh_apply)
     assert trm.train_step._cache_size() - before == 1
     assert len(traces) == 2
     assert info["batches"] == 3 and info["skipped_batches"] == 1
+
+
+def _no_gr(**overrides):
+    config = _config(eval_batches=1, **overrides)
+    config.weights.responsiveness = 0.0
+    return config
+
+
+def test_batch_size_splits_batches_like_presplit_ones(stream):
+    """``batch_size=16`` on batches of 32 gives the same merge, step for step, as passing
+    the 16-example halves directly."""
+    _, info = _merge(stream, _no_gr(steps=6, batch_size=16, max_batches=0))
+    halves = [
+        {k: v[i : i + 16] for k, v in b.items()} for b in stream["batches"] for i in (0, 16)
+    ]
+    _, want = _merge(stream, _no_gr(steps=6, batch_size=0, max_batches=0), halves)
+    assert info["batches"] == want["batches"] == 6
+    for name in ("loss", *trm.TERMS):
+        np.testing.assert_array_equal(info["history"][name], want["history"][name])
+    np.testing.assert_array_equal(info["alpha_groups"]["l0/w"], want["alpha_groups"]["l0/w"])
+
+
+def test_chunks_skip_a_ragged_rest(stream):
+    """12-example chunks of the four 32-example batches: 8 held, the 4 rests of 8 skipped,
+    each held chunk the right slice of its batch."""
+    made = []
+    cache = trm._BatchCache(
+        stream["batches"], 0, lambda b, i: made.append(i) or {}, TASK, batch_size=12
+    )
+    for step in range(9):
+        batch, _ = cache.get(step)
+    assert (len(cache.entries), cache.skipped, made) == (8, 4, list(range(8)))
+    np.testing.assert_array_equal(cache.entries[3][0]["image"], stream["batches"][1]["image"][12:24])
+
+
+def test_max_batches_default_bounds_the_held_batches(stream):
+    """The default holds 8 distinct batches however many steps run (and cycles over them)."""
+
+    def endless():
+        while True:
+            yield from stream["batches"]
+
+    _, info = _merge(stream, _no_gr(steps=12, batch_size=16), endless())
+    assert trm.default_config().max_batches == 8 == info["batches"]
+
+
+def test_lazy_responsiveness_matches_a_reference_loop(stream):
+    """``responsiveness_every=3`` over 6 steps: the L_GR gradient is computed at steps 0 and
+    3 and reused in between. Reference: an eager Adam loop built from the public pieces
+    (first-order terms every step, L_GR gradient refreshed every 3rd step)."""
+    config = _config(steps=6, responsiveness_every=3, eval_batches=1, learning_rate=0.05)
+    config.weights.responsiveness = 1.0
+    _, info = _merge(stream, config)
+    gr = info["history"]["responsiveness"]
+    assert gr[1] == gr[2] == gr[0] != gr[3] == gr[4] == gr[5]
+
+    base, prev, snaps = stream["base"], stream["previous"], stream["snapshots"]
+    subspace, layout = trm.build_subspace(base, prev, snaps)
+    ctx = trm.make_context(prev, snaps[-1], TASK, OLD, config)
+    full = trm.Spec(
+        apply_fn, trm.align_distill, trm.consistency_kl, trm.responsiveness_probe, trm.reg_l2,
+        layout,
+    )
+    hyper = trm.Hyper(
+        jnp.float32(0.05), {k: jnp.float32(config.weights[k]) for k in trm.TERMS}
+    )
+    seed_key, probe_key = jax.random.key(0), jax.random.fold_in(jax.random.key(0), 1)
+    entries = [
+        (b, trm.compute_targets(
+            base, b, ctx, jax.random.fold_in(seed_key, i), jax.random.fold_in(probe_key, i),
+            apply_fn=apply_fn, measure=trm.g_probe, probe_size=32,
+        ))
+        for i, b in enumerate(stream["batches"])
+    ]
+    first = jax.jit(jax.grad(lambda a, b, t: trm.loss_terms(
+        a, subspace, b, t, ctx, hyper, spec=full._replace(responsiveness=None))[0]))
+    second = jax.jit(jax.grad(lambda a, b, t: trm.responsiveness_term(
+        a, subspace, b, t, ctx, spec=full)))
+    adam = optax.adam(0.05)
+    alpha = subspace.alpha_init
+    opt = adam.init(alpha)
+    for step in range(6):
+        batch, targets = entries[step % len(entries)]
+        if step % 3 == 0:
+            lazy = second(alpha, batch, targets)
+        updates, opt = adam.update(first(alpha, batch, targets) + lazy, opt)
+        alpha = alpha + updates
+    got = np.stack([info["alpha_groups"][g] for g in layout.group_names])
+    np.testing.assert_allclose(got, np.asarray(alpha), rtol=1e-5, atol=1e-6)
+
+
+def test_zero_weight_terms_compute_no_targets(stream, monkeypatch):
+    """With weight 0 the responsiveness reference g_ref is not computed per held batch: a
+    counting g measure runs 3 times (g_ref, g_init, g_final of the one report batch) for 4
+    held batches, against 4 + 2 with the term on (g_ref per batch, g_init, g_final)."""
+    calls = []
+
+    def counting_g(apply_fn, params, batch, targets, ctx):
+        jax.debug.callback(lambda: calls.append(1))
+        return trm.g_probe(apply_fn, params, batch, targets, ctx)
+
+    monkeypatch.setitem(trm.MEASURES, "counting", counting_g)
+    monkeypatch.setitem(trm.RESPONSIVENESS, "counting", trm.responsiveness_probe)
+    counts = []
+    for weight in (0.0, 0.1):
+        calls.clear()
+        config = _config(steps=4, responsiveness="counting", max_batches=4, eval_batches=1)
+        config.weights.responsiveness = weight
+        _, info = _merge(stream, config)
+        jax.effects_barrier()
+        counts.append(len(calls))
+        assert info["g_ref"] > 0
+    assert counts == [3, 6]
 
 
 # ----------------------------------------------------------------------------- errors
@@ -367,6 +490,8 @@ def test_error_paths(stream):
         call(cfg=_config(directions=("trajectory", "momentum")))
     with pytest.raises(ConfigError, match="granularity"):
         call(cfg=_config(granularity="(unclosed"))
+    with pytest.raises(ConfigError, match="'responsiveness_every' must be an integer >= 1"):
+        call(cfg=_config(responsiveness_every=0))
 
 
 def test_non_finite_loss_names_the_step_and_term(stream):

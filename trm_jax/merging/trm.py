@@ -52,6 +52,7 @@ import numpy as np
 import optax
 from ml_collections import config_dict
 
+from trm_jax import sharding
 from trm_jax.errors import ConfigError, DataError, TrainingError
 from trm_jax.merging import task_vectors as tv
 
@@ -96,8 +97,15 @@ def default_config() -> ml_collections.ConfigDict:
       model's own seen-class logits), ``probe.batch_size`` (examples per batch used by the
       responsiveness term, whose memory and time are second order; 0 = the whole batch;
       default 32: ViT-B/16 needs ~0.5 GB per probe example in float32).
-    * ``max_batches``: distinct batches held (with their targets) and cycled over when
-      ``steps`` exceeds them; 0 = up to ``steps``.
+    * ``responsiveness_every``: compute the second-order responsiveness term (value and
+      coefficient gradient) on every N-th step only and reuse the last computed gradient
+      on the steps between ("lazy" regularisation); 1 = every step.
+    * ``batch_size``: examples per coefficient step; larger incoming batches are split into
+      chunks of this size (a ragged rest is skipped), so the merge can use smaller batches
+      than the caller's data pipeline; 0 = the batches as given.
+    * ``max_batches``: distinct (chunked) batches held, with their targets, and cycled over
+      when ``steps`` exceeds them; 0 = up to ``steps`` (each held batch stays in memory:
+      at 224 px a batch of 128 float32 images is 77 MB).
     * ``eval_batches``: how many of the held batches the before/after report in ``info``
       (``terms_init``, ``terms_final``, ``g_*``) averages over; 0 = all (costs ~2 steps each).
     * ``seed``: the key for the Fisher variant's sampled labels.
@@ -119,7 +127,9 @@ def default_config() -> ml_collections.ConfigDict:
     config.direction_dtype = "float32"
     config.g_ref = "base"
     config.probe = ml_collections.ConfigDict({"seed": 0, "num_classes": 10, "batch_size": 32})
-    config.max_batches = 0
+    config.responsiveness_every = 1
+    config.batch_size = 0
+    config.max_batches = 8
     config.eval_batches = 4
     config.seed = 0
     return config
@@ -162,12 +172,18 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     counts = {
         "probe.num_classes": config.probe.num_classes,
         "probe.batch_size": config.probe.batch_size,
+        "batch_size": config.batch_size,
         "max_batches": config.max_batches,
         "eval_batches": config.eval_batches,
     }
     for field, value in counts.items():
         if int(value) != value or value < 0:
             raise ConfigError(f"trm config '{field}' must be an integer >= 0, got {value!r}")
+    every = config.responsiveness_every
+    if int(every) != every or every < 1:
+        raise ConfigError(
+            f"trm config 'responsiveness_every' must be an integer >= 1, got {every!r}"
+        )
 
 
 def _granularity_patterns(granularity: Any) -> tuple[str, ...] | str:
@@ -310,10 +326,22 @@ def build_subspace(
     subspace = Subspace(
         anchor=jax.tree.unflatten(treedef, anchors),
         directions=jax.tree.unflatten(treedef, stacked),
-        alpha_init=jnp.asarray(alpha_init),
+        alpha_init=_place_like(alpha_init, base),
     )
     layout = Layout(groups, group_names, cols, tuple(tv.leaf_names(base)))
     return subspace, layout
+
+
+def _place_like(value: np.ndarray, tree: PyTree) -> jax.Array:
+    """``value`` replicated over the mesh of ``tree``'s first mesh-sharded leaf (so the
+    coefficients, and the optimiser state derived from them, live on the same devices as
+    the parameters from step 0, and the jitted step compiles once); else a plain array."""
+    for leaf in jax.tree.leaves(tree):
+        placement = getattr(leaf, "sharding", None)
+        if isinstance(placement, jax.sharding.NamedSharding):
+            replicated = jax.sharding.NamedSharding(placement.mesh, jax.sharding.PartitionSpec())
+            return jax.device_put(value, replicated)
+    return jnp.asarray(value)
 
 
 def combine(subspace: Subspace, alpha: jax.Array, layout: Layout) -> PyTree:
@@ -565,7 +593,8 @@ class Spec(NamedTuple):
     """Static part of a merge (hashable): the model, the active objectives, the layout.
 
     An objective is ``None`` when its weight is 0 (not computed, recorded as 0, kept out of
-    the total so an unused term can never turn it into NaN).
+    the total so an unused term can never turn it into NaN). ``responsiveness_every`` = N:
+    the responsiveness term is recomputed on steps 0, N, 2N, ... (see :func:`train_step`).
     """
 
     apply_fn: ApplyFn
@@ -574,6 +603,7 @@ class Spec(NamedTuple):
     responsiveness: Callable | None
     reg: Callable | None
     layout: Layout
+    responsiveness_every: int = 1
 
 
 class Hyper(NamedTuple):
@@ -584,19 +614,33 @@ class Hyper(NamedTuple):
 
 
 class State(NamedTuple):
-    """Optimisation state: the coefficients ``[G, J]`` and Adam's moments."""
+    """Optimisation state: the coefficients ``[G, J]``, Adam's moments, the step count and
+    the last computed responsiveness term (unweighted value and its gradient in ``alpha``),
+    reused between recomputations when ``responsiveness_every > 1``."""
 
     alpha: jax.Array
     opt_state: optax.OptState
+    step: jax.Array
+    responsiveness: jax.Array
+    responsiveness_grad: jax.Array
 
 
 # Adam's preconditioner; the learning rate is applied in the step so it can be traced.
 _ADAM = optax.scale_by_adam()
 
 
+@jax.jit
 def init_state(subspace: Subspace) -> State:
-    """Adam state at ``alpha_init``."""
-    return State(subspace.alpha_init, _ADAM.init(subspace.alpha_init))
+    """Adam state at ``alpha_init``.
+
+    Jitted, so every leaf is placed like ``alpha_init`` (replicated over the parameters'
+    mesh, see :func:`build_subspace`), where :func:`train_step` returns the state: the step
+    compiles once on sharded inputs too, not once for a single-device state and again when
+    the state has moved to the mesh.
+    """
+    alpha = subspace.alpha_init
+    zero = jnp.zeros((), alpha.dtype)
+    return State(alpha, _ADAM.init(alpha), jnp.zeros((), jnp.int32), zero, jnp.zeros_like(alpha))
 
 
 def loss_terms(
@@ -630,6 +674,26 @@ def loss_terms(
     return loss, terms
 
 
+def responsiveness_term(
+    alpha: jax.Array,
+    subspace: Subspace,
+    batch: dict,
+    targets: dict,
+    ctx: Context,
+    *,
+    spec: Spec,
+) -> jax.Array:
+    """The (unweighted) responsiveness objective at ``alpha``; differentiable in ``alpha``.
+
+    ``logits`` are passed per the objective protocol; the built-in objectives do not read
+    them, so under ``jit`` that forward pass is dead code and is removed.
+    """
+    params = combine(subspace, alpha, spec.layout)
+    logits = spec.apply_fn(params, batch["image"])
+    value = spec.responsiveness(spec.apply_fn, params, logits, batch, targets, ctx)
+    return value.astype(alpha.dtype)
+
+
 @functools.partial(jax.jit, static_argnames=("spec",))
 def train_step(
     state: State,
@@ -642,21 +706,55 @@ def train_step(
     spec: Spec,
 ) -> tuple[State, dict[str, jax.Array]]:
     """One Adam step on the coefficients; returns the new state and the loss terms at the
-    *old* coefficients (``loss`` plus each term)."""
-    objective = functools.partial(loss_terms, spec=spec)
-    (loss, terms), grad = jax.value_and_grad(objective, has_aux=True)(
+    *old* coefficients (``loss`` plus each term).
+
+    The first-order terms are differentiated every step. The second-order responsiveness
+    term is differentiated on its own: on every step when ``spec.responsiveness_every`` is
+    1, else on steps 0, N, 2N, ... (a ``lax.cond``, so the step still traces once) with the
+    last value and gradient reused in between; the recorded ``responsiveness`` is the value
+    that step used.
+    """
+    first_order = functools.partial(loss_terms, spec=spec._replace(responsiveness=None))
+    (loss, terms), grad = jax.value_and_grad(first_order, has_aux=True)(
         state.alpha, subspace, batch, targets, ctx, hyper
     )
+    value, value_grad = state.responsiveness, state.responsiveness_grad
+    if spec.responsiveness is not None:
+        fresh = functools.partial(
+            jax.value_and_grad(functools.partial(responsiveness_term, spec=spec)),
+            state.alpha,
+            subspace,
+            batch,
+            targets,
+            ctx,
+        )
+        if spec.responsiveness_every == 1:
+            value, value_grad = fresh()
+        else:
+            value, value_grad = jax.lax.cond(
+                state.step % spec.responsiveness_every == 0,
+                fresh,
+                lambda: (state.responsiveness, state.responsiveness_grad),
+            )
+        weight = hyper.weights["responsiveness"].astype(value.dtype)
+        loss = loss + weight * value
+        grad = grad + weight * value_grad
+        terms = {**terms, "responsiveness": value}
     updates, opt_state = _ADAM.update(grad, state.opt_state, state.alpha)
     alpha = state.alpha - hyper.learning_rate.astype(updates.dtype) * updates
-    return State(alpha, opt_state), {"loss": loss, **terms}
+    new_state = State(alpha, opt_state, state.step + 1, value, value_grad)
+    return new_state, {"loss": loss, **terms}
 
 
 # loss_terms under jit: the total and each term at given coefficients, no update.
 evaluate = jax.jit(loss_terms, static_argnames=("spec",))
 
 
-@functools.partial(jax.jit, static_argnames=("apply_fn", "measure", "probe_size"))
+# The optional per-batch targets and the term that reads each (computed only when active).
+TARGETS = {"expert_logits": "align", "previous_logits": "consistency", "g_ref": "responsiveness"}
+
+
+@functools.partial(jax.jit, static_argnames=("apply_fn", "measure", "probe_size", "needs"))
 def compute_targets(
     reference: PyTree,
     batch: dict,
@@ -667,18 +765,23 @@ def compute_targets(
     apply_fn: ApplyFn,
     measure: Callable,
     probe_size: int,
+    needs: tuple[str, ...] = tuple(TARGETS),
 ) -> dict[str, jax.Array]:
-    """Per-batch constants, computed once and without gradient: the expert's and the previous
-    model's logits, the probe labels, the batch key and g at the reference model."""
+    """Per-batch constants, computed once and without gradient: the probe labels, the batch
+    key and those of ``needs`` (a subset of :data:`TARGETS`): the expert's and the previous
+    model's logits, and g at the reference model (a gradient norm: the costly one)."""
     images = batch["image"]
     num_outputs = ctx.seen_classes.shape[0] if ctx.probe_head is None else ctx.probe_head.shape[1]
     targets = {
-        "expert_logits": apply_fn(ctx.expert, images),
-        "previous_logits": apply_fn(ctx.previous, images),
         "probe_labels": jax.random.randint(probe_key, (probe_size,), 0, num_outputs),
         "key": key,
     }
-    targets["g_ref"] = measure(apply_fn, reference, batch, targets, ctx)
+    if "expert_logits" in needs:
+        targets["expert_logits"] = apply_fn(ctx.expert, images)
+    if "previous_logits" in needs:
+        targets["previous_logits"] = apply_fn(ctx.previous, images)
+    if "g_ref" in needs:
+        targets["g_ref"] = measure(apply_fn, reference, batch, targets, ctx)
     return targets
 
 
@@ -691,38 +794,60 @@ def measure_g(params, batch, targets, ctx, *, apply_fn, measure) -> jax.Array:
 # ----------------------------------------------------------------------------- driver
 
 
+def _chunks(batch: dict, size: int) -> list[dict]:
+    """``batch`` split into consecutive chunks of ``size`` examples (a smaller rest last);
+    ``[batch]`` when ``size`` is 0 or the batch is not larger."""
+    n = int(np.shape(batch["label"])[0])
+    if not size or n <= size:
+        return [batch]
+    return [jax.tree.map(lambda x, i=i: x[i : i + size], batch) for i in range(0, n, size)]
+
+
 class _BatchCache:
     """Draws batches lazily, computes each one's targets once, cycles when they run out.
 
-    Holds at most ``limit`` distinct batches; batches whose shapes differ from the first
-    (a ragged last batch) are skipped so the jitted step keeps one trace.
+    Incoming batches are split into chunks of ``batch_size`` (0 = as given). Holds at most
+    ``limit`` distinct chunks; chunks whose shapes differ from the first (a ragged last
+    batch or rest) are skipped so the jitted step keeps one trace. Labels are checked on
+    the host with ``sharding.fetch`` (arrays split across hosts are gathered: every process
+    draws the same batches, as SPMD code does).
     """
 
-    def __init__(self, batches, limit, make_targets, task_classes):
+    def __init__(self, batches, limit, make_targets, task_classes, batch_size=0):
         self._iter = iter(batches)
         self._limit = limit
         self._make_targets = make_targets
         self._task_classes = task_classes
+        self._batch_size = batch_size
+        self._pending: list[dict] = []
         self.entries: list[tuple[dict, dict]] = []
         self.skipped = 0
         self._exhausted = False
 
-    def _draw(self) -> bool:
-        for raw in self._iter:
+    def _next_chunk(self) -> dict | None:
+        while not self._pending:
+            raw = next(self._iter, None)
+            if raw is None:
+                return None
             if not isinstance(raw, dict) or "image" not in raw or "label" not in raw:
                 raise DataError("trm.merge: each batch must be a dict with 'image' and 'label'")
             batch = {"image": raw["image"], "label": raw["label"]}
-            shapes = jax.tree.map(jnp.shape, batch)
-            if self.entries and shapes != jax.tree.map(jnp.shape, self.entries[0][0]):
-                self.skipped += 1
-                continue
-            labels = np.asarray(batch["label"])
+            labels = np.asarray(sharding.fetch(batch["label"]))
             outside = np.setdiff1d(labels, self._task_classes)
             if outside.size:
                 raise DataError(
                     f"trm.merge: batch labels {outside[:10].tolist()} are not in task_classes; "
                     "batches must hold the current task's data only"
                 )
+            self._pending = _chunks(batch, self._batch_size)
+        return self._pending.pop(0)
+
+    def _draw(self) -> bool:
+        while (batch := self._next_chunk()) is not None:
+            shapes = jax.tree.map(np.shape, batch)
+            if self.entries and shapes != jax.tree.map(np.shape, self.entries[0][0]):
+                self.skipped += 1
+                continue
             self.entries.append((batch, self._make_targets(batch, len(self.entries))))
             return True
         self._exhausted = True
@@ -792,23 +917,26 @@ def merge(
       apply_fn: pure ``(params, images) -> logits`` over every class of the stream.
       base: theta0. previous: theta_prev (= ``base`` for the first task).
       snapshots: the K >= 1 snapshots of task t's trajectory; the last is the expert theta_t.
-      batches: iterable of ``{'image', 'label'}`` dicts from the current task only; drawn
-        lazily, at most ``max(1, steps)`` (or ``config.max_batches``) distinct ones are held
-        and cycled over.
+      batches: iterable of ``{'image', 'label'}`` dicts from the current task only (numpy
+        or jax arrays, sharded ones included); drawn lazily, split into chunks of
+        ``config.batch_size``; at most ``config.max_batches`` (0: ``max(1, steps)``)
+        distinct chunks are held and cycled over.
       task_classes: class ids of task t. old_classes: ids of earlier tasks (may be empty).
       config: :func:`default_config`.
 
     Returns:
       ``(params, info)``: the merged parameters (dtypes of ``base``) and a dict with
-      ``alpha`` (coefficients, a pytree shaped like ``base`` with a ``[J]`` row per leaf),
+      ``alpha`` (coefficients, a pytree shaped like ``base`` with a numpy ``[J]`` row per
+      leaf),
       ``alpha_groups`` (group name -> row), ``directions`` (column names), ``history``
       (per-step numpy arrays ``loss``, ``align``, ``consistency``, ``responsiveness``,
-      ``reg``; terms at the coefficients *before* each step, unweighted), ``g_ref``,
+      ``reg``; terms at the coefficients *before* each step, unweighted; with
+      ``responsiveness_every > 1`` the responsiveness value the step reused), ``g_ref``,
       ``g_init``, ``g_final`` (mean g at the reference, the init point and the result),
       ``terms_init`` / ``terms_final`` (mean loss and unweighted terms at ``alpha_init`` and
       at the result; these five average over the first ``eval_batches`` held batches),
-      ``active`` (terms with a
-      non-zero weight), ``batches`` / ``skipped_batches`` (held / ragged batches) and
+      ``active`` (terms with a non-zero weight), ``batches`` / ``skipped_batches`` (held /
+      ragged chunks) and
       ``seconds`` (wall time of the whole merge).
 
     Raises:
@@ -860,6 +988,7 @@ def merge(
         ),
         reg=reg_l2 if weights["reg"] else None,
         layout=layout,
+        responsiveness_every=int(config.responsiveness_every),
     )
     hyper = Hyper(
         learning_rate=jnp.asarray(config.learning_rate, dtype),
@@ -867,12 +996,14 @@ def merge(
     )
     measure = MEASURES[config.responsiveness]
     reference = base if config.g_ref == "base" else previous
+    # Targets of inactive terms are not computed (g_ref is a gradient norm per batch).
+    needs = tuple(name for name, term in TARGETS.items() if weights[term])
     seed_key = jax.random.key(config.seed)
     probe_key = jax.random.fold_in(jax.random.key(config.probe.seed), 1)
-    num_logits: list[int] = []
+    checked: list[bool] = []
 
     def make_targets(batch: dict, index: int) -> dict:
-        size = int(jnp.shape(batch["label"])[0])
+        size = int(np.shape(batch["label"])[0])
         probe_size = min(size, config.probe.batch_size) if config.probe.batch_size else size
         targets = compute_targets(
             reference,
@@ -883,17 +1014,23 @@ def merge(
             apply_fn=apply_fn,
             measure=measure,
             probe_size=probe_size,
+            needs=needs,
         )
-        if not num_logits:
-            num_logits.append(int(targets["expert_logits"].shape[-1]))
-            if int(ctx.seen_classes.max()) >= num_logits[0]:
+        if not checked:
+            checked.append(True)
+            logits = targets.get("expert_logits", targets.get("previous_logits"))
+            if logits is None:
+                logits = jax.eval_shape(apply_fn, ctx.expert, batch["image"])
+            num_logits = int(logits.shape[-1])
+            if int(ctx.seen_classes.max()) >= num_logits:
                 raise DataError(
                     f"trm.merge: class id {int(ctx.seen_classes.max())} is beyond the "
-                    f"{num_logits[0]} logits apply_fn returns"
+                    f"{num_logits} logits apply_fn returns"
                 )
         return targets
 
-    cache = _BatchCache(batches, config.max_batches or max(1, config.steps), make_targets, task_ids)
+    limit = config.max_batches or max(1, config.steps)
+    cache = _BatchCache(batches, limit, make_targets, task_ids, config.batch_size)
     state = init_state(subspace)
     records = []
     for step in range(config.steps):
@@ -903,39 +1040,40 @@ def merge(
     if not cache.entries:
         cache.get(0)  # steps = 0: still draw one batch for the g measurements
 
+    names = ("loss", *TERMS)
+    stacked = [jnp.stack([r[name] for r in records]) for name in names] if records else []
     history = {
-        name: np.asarray(jax.device_get([r[name] for r in records]), np.float64).reshape(-1)
-        for name in ("loss", *TERMS)
+        name: np.asarray(values, np.float64).reshape(-1)
+        for name, values in zip(names, sharding.fetch(stacked) or [[]] * len(names), strict=True)
     }
     _check_finite_history(history, [name for name in TERMS if weights[name]])
 
     params = combine(subspace, state.alpha, layout)
     g_ref, g_init, g_final, terms_init, terms_final = [], [], [], [], []
+    g = functools.partial(measure_g, apply_fn=apply_fn, measure=measure)
     for batch, targets in cache.entries[: config.eval_batches or None]:
-        g_ref.append(targets["g_ref"])
+        g_ref.append(targets["g_ref"] if "g_ref" in targets else g(reference, batch, targets, ctx))
         loss, terms = evaluate(subspace.alpha_init, subspace, batch, targets, ctx, hyper, spec=spec)
         terms_init.append({"loss": loss, **terms})
-        g_init.append(
-            measure_g(subspace.anchor, batch, targets, ctx, apply_fn=apply_fn, measure=measure)
-        )
+        g_init.append(g(subspace.anchor, batch, targets, ctx))
         if config.steps:  # otherwise the result is the init point: same numbers
             loss, terms = evaluate(state.alpha, subspace, batch, targets, ctx, hyper, spec=spec)
             terms_final.append({"loss": loss, **terms})
-            g_final.append(
-                measure_g(params, batch, targets, ctx, apply_fn=apply_fn, measure=measure)
-            )
+            g_final.append(g(params, batch, targets, ctx))
     if not config.steps:
         terms_final, g_final = terms_init, g_init
     params = jax.block_until_ready(params)
-    alpha = np.asarray(state.alpha)
+    alpha, g_ref, g_init, g_final, terms_init, terms_final = sharding.fetch(
+        (state.alpha, g_ref, g_init, g_final, terms_init, terms_final)
+    )
     info = {
-        "alpha": alpha_tree(state.alpha, layout, base),
+        "alpha": alpha_tree(alpha, layout, base),
         "alpha_groups": dict(zip(layout.group_names, alpha, strict=True)),
         "directions": layout.direction_names,
         "history": history,
-        "g_ref": float(np.mean(jax.device_get(g_ref))),
-        "g_init": float(np.mean(jax.device_get(g_init))),
-        "g_final": float(np.mean(jax.device_get(g_final))),
+        "g_ref": float(np.mean(g_ref)),
+        "g_init": float(np.mean(g_init)),
+        "g_final": float(np.mean(g_final)),
         "terms_init": _mean_terms(terms_init),
         "terms_final": _mean_terms(terms_final),
         "active": tuple(name for name in TERMS if weights[name]),
@@ -947,8 +1085,7 @@ def merge(
 
 
 def _mean_terms(records: list[dict]) -> dict[str, float]:
-    """Mean of each term over the held batches, as Python floats."""
-    records = jax.device_get(records)
+    """Mean of each term over the held batches (host values), as Python floats."""
     return {name: float(np.mean([r[name] for r in records])) for name in records[0]}
 
 
