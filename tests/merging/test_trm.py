@@ -111,8 +111,13 @@ def _config(**overrides):
     report over 4 batches), then ``overrides``."""
     config = trm.default_config()
     config.update(
-        {"steps": 0, "learning_rate": 1e-2, "responsiveness_every": 1, "batch_size": 0,
-         "eval_batches": 4}
+        {
+            "steps": 0,
+            "learning_rate": 1e-2,
+            "responsiveness_every": 1,
+            "batch_size": 0,
+            "eval_batches": 4,
+        }
     )
     config.probe.batch_size = 32
     config.update(overrides)
@@ -346,9 +351,7 @@ def test_batch_size_splits_batches_like_presplit_ones(stream):
     """``batch_size=16`` on batches of 32 gives the same merge, step for step, as passing
     the 16-example halves directly."""
     _, info = _merge(stream, _no_gr(steps=6, batch_size=16, max_batches=0))
-    halves = [
-        {k: v[i : i + 16] for k, v in b.items()} for b in stream["batches"] for i in (0, 16)
-    ]
+    halves = [{k: v[i : i + 16] for k, v in b.items()} for b in stream["batches"] for i in (0, 16)]
     _, want = _merge(stream, _no_gr(steps=6, batch_size=0, max_batches=0), halves)
     assert info["batches"] == want["batches"] == 6
     for name in ("loss", *trm.TERMS):
@@ -366,7 +369,9 @@ def test_chunks_skip_a_ragged_rest(stream):
     for step in range(9):
         batch, _ = cache.get(step)
     assert (len(cache.entries), cache.skipped, made) == (8, 4, list(range(8)))
-    np.testing.assert_array_equal(cache.entries[3][0]["image"], stream["batches"][1]["image"][12:24])
+    np.testing.assert_array_equal(
+        cache.entries[3][0]["image"], stream["batches"][1]["image"][12:24]
+    )
 
 
 def test_max_batches_default_bounds_the_held_batches(stream):
@@ -394,24 +399,41 @@ def test_lazy_responsiveness_matches_a_reference_loop(stream):
     subspace, layout = trm.build_subspace(base, prev, snaps)
     ctx = trm.make_context(prev, snaps[-1], TASK, OLD, config)
     full = trm.Spec(
-        apply_fn, trm.align_distill, trm.consistency_kl, trm.responsiveness_probe, trm.reg_l2,
+        apply_fn,
+        trm.align_distill,
+        trm.consistency_kl,
+        trm.responsiveness_probe,
+        trm.reg_l2,
         layout,
     )
-    hyper = trm.Hyper(
-        jnp.float32(0.05), {k: jnp.float32(config.weights[k]) for k in trm.TERMS}
-    )
+    hyper = trm.Hyper(jnp.float32(0.05), {k: jnp.float32(config.weights[k]) for k in trm.TERMS})
     seed_key, probe_key = jax.random.key(0), jax.random.fold_in(jax.random.key(0), 1)
     entries = [
-        (b, trm.compute_targets(
-            base, b, ctx, jax.random.fold_in(seed_key, i), jax.random.fold_in(probe_key, i),
-            apply_fn=apply_fn, measure=trm.g_probe, probe_size=32,
-        ))
+        (
+            b,
+            trm.compute_targets(
+                base,
+                b,
+                ctx,
+                jax.random.fold_in(seed_key, i),
+                jax.random.fold_in(probe_key, i),
+                apply_fn=apply_fn,
+                measure=trm.g_probe,
+                probe_size=32,
+            ),
+        )
         for i, b in enumerate(stream["batches"])
     ]
-    first = jax.jit(jax.grad(lambda a, b, t: trm.loss_terms(
-        a, subspace, b, t, ctx, hyper, spec=full._replace(responsiveness=None))[0]))
-    second = jax.jit(jax.grad(lambda a, b, t: trm.responsiveness_term(
-        a, subspace, b, t, ctx, spec=full)))
+    first = jax.jit(
+        jax.grad(
+            lambda a, b, t: trm.loss_terms(
+                a, subspace, b, t, ctx, hyper, spec=full._replace(responsiveness=None)
+            )[0]
+        )
+    )
+    second = jax.jit(
+        jax.grad(lambda a, b, t: trm.responsiveness_term(a, subspace, b, t, ctx, spec=full))
+    )
     adam = optax.adam(0.05)
     alpha = subspace.alpha_init
     opt = adam.init(alpha)
