@@ -454,6 +454,7 @@ def trm_merge(
     old_classes,
     t,
     place: Placement | None = None,
+    progress: str | None = None,
 ):
     """theta_bar_t by TRM over the task's snapshots (method.md section 3)."""
 
@@ -470,6 +471,7 @@ def trm_merge(
         task_classes=np.asarray(task_classes),
         old_classes=np.asarray(old_classes),
         config=config.merge.trm,
+        progress=progress,
     )
     return merged["backbone"], info
 
@@ -662,8 +664,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
         t_merge = time.perf_counter()
         info = {}
         if method == "trm":
-            if config.debug.progress:
-                _log(f"task {t + 1}/{T}: TRM merge ({mcfg.trm.steps} steps)...")
             new_merged, info = trm_merge(
                 config,
                 model,
@@ -678,6 +678,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
                 old,
                 t,
                 place,
+                progress=f"task {t + 1}/{T} TRM merge" if config.debug.progress else None,
             )
             new_merged = apply_include_exclude(config, new_merged, theta_t)
         elif is_rule:

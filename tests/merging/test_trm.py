@@ -146,6 +146,102 @@ def test_zero_steps_returns_the_init_point_exactly(stream, init, direction_dtype
     assert info["directions"] == ("d1", "d2", "d3", "h", "m")
 
 
+def test_consensus_lam_is_the_running_magmax_merge(stream):
+    """With ``lam`` and a previous model theta0 + lam * M (a MagMax chain), ``steps=0`` returns
+    theta0 + lam * maxmag(M, tau_t): the runner's MagMax merge with that lambda (NumPy)."""
+    lam = 0.5
+    base = stream["base"]
+    tau_1 = tv.task_vector(stream["previous"], base)  # M_1 = tau_1
+    previous = jax.tree.map(lambda b, m: b + lam * m, base, tau_1)
+    expert = stream["snapshots"][-1]
+    params, _ = trm.merge(
+        apply_fn,
+        base,
+        previous,
+        stream["snapshots"],
+        stream["batches"],
+        task_classes=TASK,
+        old_classes=OLD,
+        config=_config(lam=lam),
+    )
+    for got, b, m, e in zip(*map(jax.tree.leaves, (params, base, tau_1, expert)), strict=True):
+        b, m, e = (np.asarray(x, np.float64) for x in (b, m, e))
+        tau_t = e - b
+        want = b + lam * np.where(np.abs(tau_t) > np.abs(m), tau_t, m)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
+
+
+def test_objectives_equal_numpy_on_the_class_slices(stream):
+    """The masked objectives equal their definitions on the sliced logits, in NumPy:
+    KL over C_t (distill), over the seen classes (distill_seen), over C_<t (kl), the mean
+    squared old-class logit difference (mse) and cross-entropy over C_t / the seen classes.
+    With no old classes the consistency terms are exactly 0."""
+    tau = 2.0
+    base, prev, snaps = stream["base"], stream["previous"], stream["snapshots"]
+    batch = stream["batches"][0]
+    config = trm.default_config()
+    ctx = trm.make_context(prev, snaps[-1], TASK, OLD, config, num_logits=CLASSES)
+    z = np.asarray(apply_fn(base, batch["image"]), np.float64)
+    targets = {
+        "expert_logits": apply_fn(snaps[-1], batch["image"]),
+        "previous_logits": apply_fn(prev, batch["image"]),
+    }
+    z_e, z_p = (np.asarray(targets[k], np.float64) for k in ("expert_logits", "previous_logits"))
+    y = np.asarray(batch["label"])
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    def kl(teacher, student):
+        t, s = log_softmax(teacher / tau), log_softmax(student / tau)
+        return tau**2 * np.mean(np.sum(np.exp(t) * (t - s), -1))
+
+    def ce(logits, classes):
+        pos = np.argmax(y[:, None] == classes[None, :], -1)
+        return -np.mean(np.take_along_axis(log_softmax(logits[:, classes]), pos[:, None], -1))
+
+    seen = np.concatenate([OLD, TASK])
+    want = {
+        ("align", "distill"): kl(z_e[:, TASK], z[:, TASK]),
+        ("align", "distill_seen"): kl(z_e[:, seen], z[:, seen]),
+        ("align", "ce"): ce(z, TASK),
+        ("align", "ce_seen"): ce(z, seen),
+        ("consistency", "kl"): kl(z_p[:, OLD], z[:, OLD]),
+        ("consistency", "mse"): np.mean((z[:, OLD] - z_p[:, OLD]) ** 2),
+    }
+    registry = {"align": trm.ALIGN, "consistency": trm.CONSISTENCY}
+    logits = apply_fn(base, batch["image"])
+    for (kind, name), value in want.items():
+        got = float(registry[kind][name](apply_fn, base, logits, batch, targets, ctx))
+        np.testing.assert_allclose(got, value, rtol=1e-5, err_msg=f"{kind} {name}")
+    first = trm.make_context(prev, snaps[-1], TASK, OLD[:0], config, num_logits=CLASSES)
+    for name in trm.CONSISTENCY:
+        assert float(trm.CONSISTENCY[name](apply_fn, base, logits, batch, targets, first)) == 0.0
+
+
+def test_one_compile_serves_tasks_with_different_class_counts(stream):
+    """Class sets enter the step as fixed-size masks: merges with 0, 1 and 2 old classes (the
+    number of seen classes grows along a stream) reuse one compiled step."""
+
+    def fresh_apply(params, images):  # a new static argument: a fresh cache entry
+        return apply_fn(params, images)
+
+    before = trm.train_step._cache_size()
+    for old in (OLD[:0], OLD[:1], OLD):
+        trm.merge(
+            fresh_apply,
+            stream["base"],
+            stream["previous"],
+            stream["snapshots"],
+            stream["batches"],
+            task_classes=TASK,
+            old_classes=old,
+            config=_config(steps=2),
+        )
+    assert trm.train_step._cache_size() - before == 1
+
+
 def test_combine_matches_numpy_and_the_reference_form(stream):
     """theta(alpha) = anchor + (alpha - alpha_init).D per leaf equals a numpy einsum, and for the
     MagMax init also the reference form theta_prev + sum_j alpha_j D_j (up to f32 rounding)."""
@@ -197,7 +293,7 @@ def test_coefficient_gradient_matches_central_differences(stream, kind, name):
         subspace, layout = trm.build_subspace(base, prev, snaps)
         config = trm.default_config()
         config.probe.batch_size = 16
-        ctx = trm.make_context(prev, snaps[-1], TASK, OLD, config, jnp.float64)
+        ctx = trm.make_context(prev, snaps[-1], TASK, OLD, config, jnp.float64, num_logits=CLASSES)
         measure = trm.MEASURES["fisher" if name == "fisher" else "probe"]
         targets = trm.compute_targets(
             base,
@@ -397,7 +493,7 @@ def test_lazy_responsiveness_matches_a_reference_loop(stream):
 
     base, prev, snaps = stream["base"], stream["previous"], stream["snapshots"]
     subspace, layout = trm.build_subspace(base, prev, snaps)
-    ctx = trm.make_context(prev, snaps[-1], TASK, OLD, config)
+    ctx = trm.make_context(prev, snaps[-1], TASK, OLD, config, num_logits=CLASSES)
     full = trm.Spec(
         apply_fn,
         trm.align_distill,
@@ -450,7 +546,8 @@ def test_lazy_responsiveness_matches_a_reference_loop(stream):
 def test_zero_weight_terms_compute_no_targets(stream, monkeypatch):
     """With weight 0 the responsiveness reference g_ref is not computed per held batch: a
     counting g measure runs 3 times (g_ref, g_init, g_final of the one report batch) for 4
-    held batches, against 4 + 2 with the term on (g_ref per batch, g_init, g_final)."""
+    held batches, against 4 + 2 with the term on (g_ref per batch, g_init, g_final), and
+    2 + 2 with L_GR recomputed every 2nd step (g_ref only on the batches of steps 0 and 2)."""
     calls = []
 
     def counting_g(apply_fn, params, batch, targets, ctx):
@@ -460,15 +557,21 @@ def test_zero_weight_terms_compute_no_targets(stream, monkeypatch):
     monkeypatch.setitem(trm.MEASURES, "counting", counting_g)
     monkeypatch.setitem(trm.RESPONSIVENESS, "counting", trm.responsiveness_probe)
     counts = []
-    for weight in (0.0, 0.1):
+    for weight, every in ((0.0, 1), (0.1, 1), (0.1, 2)):
         calls.clear()
-        config = _config(steps=4, responsiveness="counting", max_batches=4, eval_batches=1)
+        config = _config(
+            steps=4,
+            responsiveness="counting",
+            max_batches=4,
+            eval_batches=1,
+            responsiveness_every=every,
+        )
         config.weights.responsiveness = weight
         _, info = _merge(stream, config)
         jax.effects_barrier()
         counts.append(len(calls))
-        assert info["g_ref"] > 0
-    assert counts == [3, 6]
+        assert info["g_ref"] > 0 and np.isfinite(info["terms_final"]["responsiveness"])
+    assert counts == [3, 6, 4]
 
 
 # ----------------------------------------------------------------------------- errors

@@ -8,7 +8,8 @@ are
 
 * ``d_k = theta_t^(k) - theta_prev`` for ``k = 1..K``            (``'trajectory'``)
 * ``h   = theta_prev - theta0``                                   (``'history'``)
-* ``m   = theta0 + maxmag(h, theta_t - theta0) - theta_prev``     (``'consensus'``, MagMax pair)
+* ``m   = theta0 + lam * maxmag(h / lam, theta_t - theta0) - theta_prev``
+                                                     (``'consensus'``, MagMax pair; lam = 1)
 
 stacked as ``D_l`` with shape ``[J, *leaf.shape]``, and the merged model is
 
@@ -51,6 +52,7 @@ import ml_collections
 import numpy as np
 import optax
 from ml_collections import config_dict
+from tqdm.auto import tqdm
 
 from trm_jax import sharding
 from trm_jax.errors import ConfigError, DataError, TrainingError
@@ -82,8 +84,9 @@ def default_config() -> ml_collections.ConfigDict:
     * ``weights.{align, consistency, responsiveness, reg}``: term weights; a weight of 0
       removes the term from the jitted step (it is not computed).
     * ``align``: ``'distill'`` (KL to the expert over the task's classes), ``'distill_seen'``
-      (the same over every class seen so far), ``'ce'`` (labels), ``'param'`` (cosine to the
-      expert's displacement, per leaf).
+      (the same over every class seen so far), ``'ce'`` (labels over the task's classes),
+      ``'ce_seen'`` (labels over every seen class), ``'param'`` (cosine to the expert's
+      displacement, per leaf).
     * ``consistency``: ``'kl'`` (KL to the previous merged model over old classes) or
       ``'mse'`` (raw old-class logits).
     * ``responsiveness``: ``'probe'`` (squared gradient norm of a fixed random probe loss) or
@@ -93,8 +96,14 @@ def default_config() -> ml_collections.ConfigDict:
       per direction for the whole model) or name regexes (a string or a tuple of strings):
       leaves whose first matching regex matches the same text share coefficients, so
       ``'block_\\d+'`` gives one group per block; unmatched leaves keep their own.
-    * ``init``: ``'magmax'`` (the MagMax pair point), ``'expert'`` (theta_t) or
+    * ``init``: ``'magmax'`` (the consensus point, below), ``'expert'`` (theta_t) or
       ``'previous'`` (theta_prev).
+    * ``lam`` (1.0): MagMax's lambda in the consensus point
+      ``theta0 + lam * maxmag(h / lam, theta_t - theta0)``. 1 is the reference formulation's
+      pair merge ``theta0 + maxmag(h, tau_t)``. With ``lam < 1`` and a previous model of the
+      form ``theta0 + lam * M`` (a MagMax chain), ``h / lam = M`` and the point is exactly the
+      running MagMax merge with that lambda (``theta0 + lam * maxmag(M, tau_t)``), so TRM
+      starts from MagMax as the runner configures it instead of from its lambda = 1 form.
     * ``direction_dtype``: storage of the stacked directions, ``'float32'`` or ``'bfloat16'``.
     * ``g_ref``: the model whose responsiveness is the reference, ``'base'`` (theta0, fixed for
       the whole stream) or ``'previous'``.
@@ -131,6 +140,7 @@ def default_config() -> ml_collections.ConfigDict:
     # A string or a tuple of regexes: declared as an object field so either type is accepted.
     config.granularity = config_dict.FieldReference("leaf", field_type=object)
     config.init = "magmax"
+    config.lam = 1.0
     config.direction_dtype = "float32"
     config.g_ref = "base"
     config.probe = ml_collections.ConfigDict({"seed": 0, "num_classes": 10, "batch_size": 16})
@@ -154,6 +164,8 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"trm config 'steps' must be an integer >= 0, got {config.steps!r}")
     if not config.learning_rate > 0:
         raise ConfigError(f"trm config 'learning_rate' must be > 0, got {config.learning_rate}")
+    if not (np.isfinite(config.lam) and config.lam > 0):
+        raise ConfigError(f"trm config 'lam' must be finite and > 0, got {config.lam}")
     if not config.temperature > 0:
         raise ConfigError(f"trm config 'temperature' must be > 0, got {config.temperature}")
     for term in TERMS:
@@ -297,6 +309,7 @@ def build_subspace(
     directions: Sequence[str] = DIRECTIONS,
     granularity: Any = "leaf",
     init: str = "magmax",
+    lam: float = 1.0,
     direction_dtype: str = "float32",
 ) -> tuple[Subspace, Layout]:
     """Stack the directions per leaf and compute the exact init point (see module docstring).
@@ -313,7 +326,10 @@ def build_subspace(
     for i, (b, p) in enumerate(zip(leaves_b, leaves_p, strict=True)):
         e = leaves_s[-1][i]
         h = p - b
-        consensus_point = b + tv.maxmag2(h, e - b)  # theta0 + maxmag(h, tau_t), exactly
+        if lam == 1.0:
+            consensus_point = b + tv.maxmag2(h, e - b)  # theta0 + maxmag(h, tau_t), exactly
+        else:  # the running MagMax merge with lambda when h = lam * M_{t-1}
+            consensus_point = b + lam * tv.maxmag2(h / lam, e - b)
         rows = []
         if "trajectory" in directions:
             rows += [s[i] - p for s in leaves_s]
@@ -380,15 +396,17 @@ def alpha_tree(alpha: jax.Array, layout: Layout, like: PyTree) -> PyTree:
 class Context(NamedTuple):
     """Per-merge constants every objective may read (arrays or trees, passed through jit).
 
-    ``task_classes`` / ``old_classes`` / ``seen_classes`` (old then current) are int32 class
-    ids indexing the logits; ``probe_head`` is ``[len(seen_classes), P]`` or ``None`` (use
-    the seen-class logits directly); ``previous`` / ``expert`` are the parameter trees of
+    ``task_mask`` / ``old_mask`` / ``seen_mask`` are boolean ``[C]`` masks over the ``C``
+    logits (the current task's classes, the earlier tasks', both). Masks rather than id
+    lists keep every shape fixed along the stream, so the jitted step compiles once for all
+    tasks. ``probe_head`` is ``[C, P]`` (rows of unseen classes zero) or ``None`` (use the
+    seen-class logits directly); ``previous`` / ``expert`` are the parameter trees of
     theta_prev and theta_t (references, no copies) for parameter-space objectives.
     """
 
-    task_classes: jax.Array
-    old_classes: jax.Array
-    seen_classes: jax.Array
+    task_mask: jax.Array
+    old_mask: jax.Array
+    seen_mask: jax.Array
     temperature: jax.Array
     probe_head: jax.Array | None
     previous: PyTree
@@ -400,14 +418,32 @@ def _f32(x: jax.Array) -> jax.Array:
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
-def tempered_kl(teacher: jax.Array, student: jax.Array, temperature: jax.Array) -> jax.Array:
-    """``tau^2 * KL(softmax(teacher/tau) || softmax(student/tau))``, mean over the batch.
+# Stands in for the logits of masked-out classes: exp() of it is exactly 0 in float32, and
+# unlike -inf it keeps every value and gradient finite (also when a mask is all False).
+_MASKED = -1e9
+
+
+def masked(logits: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """``logits`` (at least float32) with the classes outside ``mask`` pushed to ``-1e9``:
+    softmaxes and cross-entropies over the result range over the masked classes only."""
+    logits = _f32(logits)
+    return logits if mask is None else jnp.where(mask, logits, _MASKED)
+
+
+def tempered_kl(
+    teacher: jax.Array, student: jax.Array, temperature: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
+    """``tau^2 * KL(softmax(teacher/tau) || softmax(student/tau))`` over the classes in
+    ``mask`` (all when ``None``), mean over the batch; 0 for an all-False mask.
 
     The tau^2 factor keeps gradient magnitudes comparable across temperatures (Hinton et al.).
     """
-    t = jax.nn.log_softmax(_f32(teacher) / temperature, axis=-1)
-    s = jax.nn.log_softmax(_f32(student) / temperature, axis=-1)
-    return temperature**2 * jnp.mean(jnp.sum(jnp.exp(t) * (t - s), axis=-1))
+    t = jax.nn.log_softmax(masked(teacher, mask) / temperature, axis=-1)
+    s = jax.nn.log_softmax(masked(student, mask) / temperature, axis=-1)
+    kl = jnp.exp(t) * (t - s)
+    if mask is not None:
+        kl = jnp.where(mask, kl, 0.0)
+    return temperature**2 * jnp.mean(jnp.sum(kl, axis=-1))
 
 
 def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -418,8 +454,7 @@ def _cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def align_distill(apply_fn, params, logits, batch, targets, ctx) -> jax.Array:
     """L_TA = tau^2 KL(softmax(z_E[C_t]/tau) || softmax(z_alpha[C_t]/tau)): match the expert
     on the current task's classes (the reference formulation)."""
-    cls = ctx.task_classes
-    return tempered_kl(targets["expert_logits"][:, cls], logits[:, cls], ctx.temperature)
+    return tempered_kl(targets["expert_logits"], logits, ctx.temperature, ctx.task_mask)
 
 
 def align_distill_seen(apply_fn, params, logits, batch, targets, ctx) -> jax.Array:
@@ -429,14 +464,20 @@ def align_distill_seen(apply_fn, params, logits, batch, targets, ctx) -> jax.Arr
     inputs stay *away* from old classes matters as much as the ranking inside ``C_t``; the
     expert's full seen-class distribution carries that, the ``C_t`` slice does not.
     """
-    cls = ctx.seen_classes
-    return tempered_kl(targets["expert_logits"][:, cls], logits[:, cls], ctx.temperature)
+    return tempered_kl(targets["expert_logits"], logits, ctx.temperature, ctx.seen_mask)
 
 
 def align_ce(apply_fn, params, logits, batch, targets, ctx) -> jax.Array:
     """Variant: cross-entropy of the labels over the current task's classes."""
-    position = jnp.argmax(batch["label"][:, None] == ctx.task_classes[None, :], axis=-1)
-    return _cross_entropy(logits[:, ctx.task_classes], position)
+    return _cross_entropy(masked(logits, ctx.task_mask), batch["label"])
+
+
+def align_ce_seen(apply_fn, params, logits, batch, targets, ctx) -> jax.Array:
+    """Variant: cross-entropy of the labels over every class seen so far.
+
+    The only term that asks current-task inputs to score below the old classes' rows (the
+    task-agnostic argmax), from the current task's labels alone."""
+    return _cross_entropy(masked(logits, ctx.seen_mask), batch["label"])
 
 
 def align_param(apply_fn, params, logits, batch, targets, ctx) -> jax.Array:
@@ -455,20 +496,15 @@ def align_param(apply_fn, params, logits, batch, targets, ctx) -> jax.Array:
 def consistency_kl(apply_fn, params, logits, batch, targets, ctx) -> jax.Array:
     """L_PC = tau^2 KL(softmax(z_P[C_<t]/tau) || softmax(z_alpha[C_<t]/tau)) on current data:
     keep the previous merged model's old-class behaviour. Zero when there are no old classes."""
-    cls = ctx.old_classes
-    if cls.shape[0] == 0:
-        return jnp.zeros((), _f32(logits).dtype)
-    return tempered_kl(targets["previous_logits"][:, cls], logits[:, cls], ctx.temperature)
+    return tempered_kl(targets["previous_logits"], logits, ctx.temperature, ctx.old_mask)
 
 
 def consistency_mse(apply_fn, params, logits, batch, targets, ctx) -> jax.Array:
     """Variant: mean squared difference of the raw old-class logits (keeps their scale, which
     a KL, being shift-invariant, does not). Zero when there are no old classes."""
-    cls = ctx.old_classes
-    if cls.shape[0] == 0:
-        return jnp.zeros((), _f32(logits).dtype)
-    diff = _f32(logits[:, cls]) - _f32(targets["previous_logits"][:, cls])
-    return jnp.mean(jnp.square(diff))
+    diff = _f32(logits) - _f32(targets["previous_logits"])
+    total = jnp.sum(jnp.where(ctx.old_mask, jnp.square(diff), 0.0))
+    return total / jnp.maximum(1, logits.shape[0] * jnp.sum(ctx.old_mask))
 
 
 def _sq_norm(tree: PyTree) -> jax.Array:
@@ -513,18 +549,19 @@ grad_sq_norm.defvjp(_grad_sq_norm_fwd, _grad_sq_norm_bwd)
 
 
 def _probe_loss(apply_fn, params, data) -> jax.Array:
-    """Cross-entropy of the probe head on the seen-class logits against the probe labels."""
+    """Cross-entropy of the probe head on the seen-class logits against the probe labels
+    (without a head: of the seen-class softmax against labels that are seen class ids)."""
     images, labels, seen, head = data
-    z = _f32(apply_fn(params, images)[:, seen])
-    if head is not None:
-        z = z @ head
-    return _cross_entropy(z, labels)
+    logits = apply_fn(params, images)
+    if head is None:
+        return _cross_entropy(masked(logits, seen), labels)
+    return _cross_entropy(jnp.where(seen, _f32(logits), 0.0) @ head, labels)
 
 
 def _seen_nll(apply_fn, params, data) -> jax.Array:
     """Mean negative log-likelihood of ``labels`` under the seen-class softmax."""
     images, labels, seen = data
-    return _cross_entropy(apply_fn(params, images)[:, seen], labels)
+    return _cross_entropy(masked(apply_fn(params, images), seen), labels)
 
 
 def g_probe(apply_fn, params, batch, targets, ctx) -> jax.Array:
@@ -533,7 +570,7 @@ def g_probe(apply_fn, params, batch, targets, ctx) -> jax.Array:
     objective (a stand-in for the next task) would move these parameters."""
     labels = targets["probe_labels"]
     images = batch["image"][: labels.shape[0]]
-    data = (images, labels, ctx.seen_classes, ctx.probe_head)
+    data = (images, labels, ctx.seen_mask, ctx.probe_head)
     return grad_sq_norm(functools.partial(_probe_loss, apply_fn), params, data)
 
 
@@ -547,11 +584,11 @@ def g_fisher(apply_fn, params, batch, targets, ctx) -> jax.Array:
     """
     n = targets["probe_labels"].shape[0]
     images = batch["image"][:n]
-    seen_logits = _f32(apply_fn(params, images)[:, ctx.seen_classes])
+    seen_logits = masked(apply_fn(params, images), ctx.seen_mask)
     sampled = jax.random.categorical(
         jax.random.fold_in(targets["key"], 1), jax.lax.stop_gradient(seen_logits), axis=-1
     )
-    data = (images, sampled, ctx.seen_classes)
+    data = (images, sampled, ctx.seen_mask)
     return n * grad_sq_norm(functools.partial(_seen_nll, apply_fn), params, data)
 
 
@@ -582,6 +619,7 @@ ALIGN: dict[str, Callable] = {
     "distill": align_distill,
     "distill_seen": align_distill_seen,
     "ce": align_ce,
+    "ce_seen": align_ce_seen,
     "param": align_param,
 }
 CONSISTENCY: dict[str, Callable] = {"kl": consistency_kl, "mse": consistency_mse}
@@ -776,19 +814,27 @@ def compute_targets(
 ) -> dict[str, jax.Array]:
     """Per-batch constants, computed once and without gradient: the probe labels, the batch
     key and those of ``needs`` (a subset of :data:`TARGETS`): the expert's and the previous
-    model's logits, and g at the reference model (a gradient norm: the costly one)."""
+    model's logits, and g at the reference model (a gradient norm: the costly one).
+
+    ``'g_ref_later'`` in ``needs`` puts a NaN placeholder in ``g_ref`` instead (same shape and
+    placement), for :func:`merge` to fill with :func:`measure_g` on the batches whose
+    responsiveness is actually recomputed."""
     images = batch["image"]
-    num_outputs = ctx.seen_classes.shape[0] if ctx.probe_head is None else ctx.probe_head.shape[1]
-    targets = {
-        "probe_labels": jax.random.randint(probe_key, (probe_size,), 0, num_outputs),
-        "key": key,
-    }
+    if ctx.probe_head is None:  # random seen class ids: positions into the seen ids, listed first
+        seen_first = jnp.argsort(~ctx.seen_mask, stable=True)
+        positions = jax.random.randint(probe_key, (probe_size,), 0, jnp.sum(ctx.seen_mask))
+        probe_labels = seen_first[positions].astype(jnp.int32)
+    else:
+        probe_labels = jax.random.randint(probe_key, (probe_size,), 0, ctx.probe_head.shape[1])
+    targets = {"probe_labels": probe_labels, "key": key}
     if "expert_logits" in needs:
         targets["expert_logits"] = apply_fn(ctx.expert, images)
     if "previous_logits" in needs:
         targets["previous_logits"] = apply_fn(ctx.previous, images)
     if "g_ref" in needs:
         targets["g_ref"] = measure(apply_fn, reference, batch, targets, ctx)
+    elif "g_ref_later" in needs:
+        targets["g_ref"] = jnp.full((), jnp.nan, ctx.temperature.dtype)
     return targets
 
 
@@ -876,18 +922,30 @@ def make_context(
     old_classes: np.ndarray,
     config: ml_collections.ConfigDict,
     dtype: jnp.dtype = jnp.float32,
+    *,
+    num_logits: int,
 ) -> Context:
-    """The :class:`Context` of one merge; the probe head is drawn from ``probe.seed``."""
-    seen = np.concatenate([old_classes, task_classes]).astype(np.int32)
+    """The :class:`Context` of one merge over ``num_logits`` outputs.
+
+    The probe head is one fixed ``[num_logits, P]`` draw from ``probe.seed`` (so a class keeps
+    its probe row along the stream), unseen rows zeroed, scaled by ``1/sqrt(#seen)``.
+    """
+    masks = []
+    for ids in (task_classes, old_classes):
+        mask = np.zeros(num_logits, bool)
+        mask[np.asarray(ids, np.int64)] = True
+        masks.append(mask)
+    task_mask, old_mask = masks
+    seen_mask = task_mask | old_mask
     probe_head = None
     if config.probe.num_classes:
         key = jax.random.fold_in(jax.random.key(config.probe.seed), 0)
-        probe_head = jax.random.normal(key, (seen.size, config.probe.num_classes), dtype)
-        probe_head = probe_head / np.sqrt(seen.size)
+        probe_head = jax.random.normal(key, (num_logits, config.probe.num_classes), dtype)
+        probe_head = probe_head * jnp.asarray(seen_mask[:, None] / np.sqrt(seen_mask.sum()), dtype)
     return Context(
-        task_classes=jnp.asarray(task_classes, jnp.int32),
-        old_classes=jnp.asarray(old_classes, jnp.int32),
-        seen_classes=jnp.asarray(seen),
+        task_mask=jnp.asarray(task_mask),
+        old_mask=jnp.asarray(old_mask),
+        seen_mask=jnp.asarray(seen_mask),
         temperature=jnp.asarray(config.temperature, dtype),
         probe_head=probe_head,
         previous=previous,
@@ -917,6 +975,7 @@ def merge(
     task_classes: Any,
     old_classes: Any,
     config: ml_collections.ConfigDict,
+    progress: str | None = None,
 ) -> tuple[PyTree, dict[str, Any]]:
     """TRM merge of task ``t`` (see the module docstring for the subspace and objectives).
 
@@ -930,6 +989,7 @@ def merge(
         distinct chunks are held and cycled over.
       task_classes: class ids of task t. old_classes: ids of earlier tasks (may be empty).
       config: :func:`default_config`.
+      progress: a description to show a progress bar over the steps with (None: no bar).
 
     Returns:
       ``(params, info)``: the merged parameters (dtypes of ``base``) and a dict with
@@ -981,10 +1041,10 @@ def merge(
         directions=tuple(config.directions),
         granularity=config.granularity,
         init=config.init,
+        lam=float(config.lam),
         direction_dtype=config.direction_dtype,
     )
     dtype = subspace.alpha_init.dtype
-    ctx = make_context(previous, snapshots[-1], task_ids, old_ids, config, dtype)
     weights = {name: float(config.weights[name]) for name in TERMS}
     spec = Spec(
         apply_fn=apply_fn,
@@ -1003,13 +1063,41 @@ def merge(
     )
     measure = MEASURES[config.responsiveness]
     reference = base if config.g_ref == "base" else previous
-    # Targets of inactive terms are not computed (g_ref is a gradient norm per batch).
-    needs = tuple(name for name, term in TARGETS.items() if weights[term])
+    # Targets of inactive terms are not computed. g_ref (a second-order measurement per batch)
+    # is measured only for the batches a step recomputes L_GR on: with responsiveness_every
+    # N that is every N-th step, so most held batches never need it.
+    needs = tuple(name for name, term in TARGETS.items() if weights[term] and name != "g_ref")
+    if weights["responsiveness"]:
+        needs += ("g_ref_later",)
+    measured: set[int] = set()  # ids of the targets dicts whose g_ref is measured
+
+    def with_g_ref(batch: dict, targets: dict) -> dict:
+        if id(targets) not in measured:
+            targets["g_ref"] = measure_g(
+                reference, batch, targets, contexts[0], apply_fn=apply_fn, measure=measure
+            )
+            measured.add(id(targets))
+        return targets
+
     seed_key = jax.random.key(config.seed)
     probe_key = jax.random.fold_in(jax.random.key(config.probe.seed), 1)
-    checked: list[bool] = []
+    contexts: list[Context] = []  # built from the first batch (the logits' count)
 
     def make_targets(batch: dict, index: int) -> dict:
+        if not contexts:
+            logits = jax.eval_shape(apply_fn, snapshots[-1], batch["image"])
+            num_logits = int(logits.shape[-1])
+            top = int(max(task_ids.max(), old_ids.max(initial=0)))
+            if top >= num_logits:
+                raise DataError(
+                    f"trm.merge: class id {top} is beyond the {num_logits} logits apply_fn returns"
+                )
+            contexts.append(
+                make_context(
+                    previous, snapshots[-1], task_ids, old_ids, config, dtype, num_logits=num_logits
+                )
+            )
+        ctx = contexts[0]
         size = int(np.shape(batch["label"])[0])
         probe_size = min(size, config.probe.batch_size) if config.probe.batch_size else size
         targets = compute_targets(
@@ -1023,29 +1111,28 @@ def merge(
             probe_size=probe_size,
             needs=needs,
         )
-        if not checked:
-            checked.append(True)
-            logits = targets.get("expert_logits", targets.get("previous_logits"))
-            if logits is None:
-                logits = jax.eval_shape(apply_fn, ctx.expert, batch["image"])
-            num_logits = int(logits.shape[-1])
-            if int(ctx.seen_classes.max()) >= num_logits:
-                raise DataError(
-                    f"trm.merge: class id {int(ctx.seen_classes.max())} is beyond the "
-                    f"{num_logits} logits apply_fn returns"
-                )
         return targets
 
     limit = config.max_batches or max(1, config.steps)
     cache = _BatchCache(batches, limit, make_targets, task_ids, config.batch_size)
     state = init_state(subspace)
     records = []
-    for step in range(config.steps):
+    bar = tqdm(
+        range(config.steps),
+        desc=progress,
+        leave=False,
+        disable=progress is None,
+        dynamic_ncols=True,
+    )
+    for step in bar:
         batch, targets = cache.get(step)
-        state, terms = train_step(state, subspace, batch, targets, ctx, hyper, spec=spec)
+        if weights["responsiveness"] and step % spec.responsiveness_every == 0:
+            targets = with_g_ref(batch, targets)
+        state, terms = train_step(state, subspace, batch, targets, contexts[0], hyper, spec=spec)
         records.append(terms)
     if not cache.entries:
         cache.get(0)  # steps = 0: still draw one batch for the g measurements
+    ctx = contexts[0]
 
     names = ("loss", *TERMS)
     stacked = [jnp.stack([r[name] for r in records]) for name in names] if records else []
@@ -1059,7 +1146,10 @@ def merge(
     g_ref, g_init, g_final, terms_init, terms_final = [], [], [], [], []
     g = functools.partial(measure_g, apply_fn=apply_fn, measure=measure)
     for batch, targets in cache.entries[: config.eval_batches or None]:
-        g_ref.append(targets["g_ref"] if "g_ref" in targets else g(reference, batch, targets, ctx))
+        if weights["responsiveness"]:  # the report's L_GR reads it too
+            g_ref.append(with_g_ref(batch, targets)["g_ref"])
+        else:
+            g_ref.append(g(reference, batch, targets, ctx))
         loss, terms = evaluate(subspace.alpha_init, subspace, batch, targets, ctx, hyper, spec=spec)
         terms_init.append({"loss": loss, **terms})
         g_init.append(g(subspace.anchor, batch, targets, ctx))
