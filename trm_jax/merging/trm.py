@@ -34,8 +34,9 @@ and select it in the config to swap one objective without touching anything else
 
 The optimisation step (all objectives, the second-order responsiveness term, the Adam update
 of the coefficients) is one module-level jitted function, :func:`train_step`; the model
-function is a static argument, so a merge traces it once. Nothing here knows about models:
-only pytrees and a pure ``apply_fn(params, images) -> logits``.
+function is a static argument and class sets are fixed-shape masks, so one compile serves
+every merge of a stream. Nothing here knows about models: only pytrees and a pure
+``apply_fn(params, images) -> logits``.
 """
 
 from __future__ import annotations
@@ -326,10 +327,9 @@ def build_subspace(
     for i, (b, p) in enumerate(zip(leaves_b, leaves_p, strict=True)):
         e = leaves_s[-1][i]
         h = p - b
-        if lam == 1.0:
-            consensus_point = b + tv.maxmag2(h, e - b)  # theta0 + maxmag(h, tau_t), exactly
-        else:  # the running MagMax merge with lambda when h = lam * M_{t-1}
-            consensus_point = b + lam * tv.maxmag2(h / lam, e - b)
+        # The running MagMax merge with lambda when h = lam * M_{t-1}; at lam = 1 the pair
+        # merge theta0 + maxmag(h, tau_t) exactly (x / 1 and 1 * x are exact in IEEE).
+        consensus_point = b + lam * tv.maxmag2(h / lam, e - b)
         rows = []
         if "trajectory" in directions:
             rows += [s[i] - p for s in leaves_s]
