@@ -10,7 +10,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 
-from trm_jax import metrics, report
+from trm_jax import io, metrics, report
 
 NAN = np.nan
 A = np.array([[0.80, NAN, NAN], [0.85, 0.90, NAN], [0.60, 0.70, 0.95]])
@@ -202,10 +202,10 @@ def test_compare_plot_png(tmp_path):
 
 def test_to_jsonable_rejects_unknown_types():
     with pytest.raises(TypeError, match="object"):
-        report.to_jsonable({"x": object()})
-    assert report.to_jsonable({"x": np.float32(0.5)}, nan_to_null=False) == {"x": 0.5}
-    assert np.isnan(report.to_jsonable(float("nan"), nan_to_null=False))
+        io.to_jsonable({"x": object()})
+    assert io.to_jsonable({"x": np.float32(0.5)}, nan_to_null=False) == {"x": 0.5}
+    assert np.isnan(io.to_jsonable(float("nan"), nan_to_null=False))
     bf16 = jnp.asarray([0.5, 1.25], jnp.bfloat16)
-    assert report.to_jsonable({"b": bf16, "k": np.int8(-3)}) == {"b": [0.5, 1.25], "k": -3}
+    assert io.to_jsonable({"b": bf16, "k": np.int8(-3)}) == {"b": [0.5, 1.25], "k": -3}
     with pytest.raises(TypeError, match="key"):
-        report.to_jsonable(jax.random.key(0))
+        io.to_jsonable(jax.random.key(0))

@@ -32,9 +32,8 @@ import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers
 
 from trm_jax.errors import CheckpointError, ConfigError
-from trm_jax.report import atomic_write_text, to_jsonable
-
-PyTree = Any
+from trm_jax.io import atomic_write_text, to_jsonable
+from trm_jax.tree_util import PyTree, path_to_name
 
 STATE, META = "state", "meta"
 _MISSING = object()
@@ -43,10 +42,6 @@ _MISSING = object()
 # ----------------------------------------------------------------------------------------
 # Tree checks
 # ----------------------------------------------------------------------------------------
-
-
-def _name(path) -> str:
-    return jax.tree_util.keystr(path, simple=True, separator="/")
 
 
 def _is_key(leaf) -> bool:
@@ -78,8 +73,12 @@ def _stored_form(leaf) -> tuple[tuple[int, ...], np.dtype]:
 
 def _check_against(stored: PyTree, like: PyTree) -> None:
     """Raise ``ValueError`` naming leaves where ``like`` differs from the stored metadata."""
-    stored_leaves = {_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]}
-    like_leaves = {_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(like)[0]}
+    stored_leaves = {
+        path_to_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(stored)[0]
+    }
+    like_leaves = {
+        path_to_name(p): leaf for p, leaf in jax.tree_util.tree_flatten_with_path(like)[0]
+    }
     missing = sorted(set(like_leaves) - set(stored_leaves))
     extra = sorted(set(stored_leaves) - set(like_leaves))
     if missing or extra:

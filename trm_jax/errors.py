@@ -24,3 +24,20 @@ class CheckpointError(TRMError):
 
 class TrainingError(TRMError):
     """Training or merging diverged (a NaN or Inf loss); the message names where."""
+
+
+class UnknownNameError(ConfigError, KeyError):
+    """A registry lookup missed; the message lists the choices (a ``KeyError`` too, so
+    code that catches a registry's ``KeyError`` keeps working)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0]) if self.args else ""
+
+
+def check_choice(value, choices, field: str) -> None:
+    """Raise ``UnknownNameError`` naming ``field`` and the sorted ``choices`` unless
+    ``value`` is one of them (the one check every registry and config field uses)."""
+    if value not in choices:
+        raise UnknownNameError(
+            f"unknown {field} {value!r}; choices: {', '.join(sorted(map(str, choices)))}"
+        )

@@ -30,19 +30,16 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
-from jax.experimental import multihost_utils
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from trm_jax.errors import ConfigError, DataError
-from trm_jax.merging.task_vectors import leaf_names
-
-PyTree = Any
+from trm_jax.tree_util import PyTree, leaf_names
+from trm_jax.tree_util import fetch as fetch  # re-exported: sharding.fetch
 
 AXES = ("data", "fsdp")
 BATCH_AXES = ("data", "fsdp")  # the leading batch axis is split over every device
@@ -249,24 +246,6 @@ def pad_batch(batch: Mapping[str, np.ndarray], multiple: int) -> dict[str, np.nd
     }
     out["mask"] = np.concatenate([np.ones(n, np.float32), np.zeros(pad, np.float32)])
     return out
-
-
-def fetch(tree: PyTree) -> PyTree:
-    """Leaves as numpy on this host, whatever their sharding (multi-host safe).
-
-    Fully addressable arrays are copied directly; replicated ones are read from a local
-    replica; arrays split across hosts are all-gathered (collective: every process must
-    call ``fetch`` on the same tree).
-    """
-
-    def one(x):
-        if not isinstance(x, jax.Array) or x.is_fully_addressable:
-            return np.asarray(x)
-        if x.is_fully_replicated:
-            return np.asarray(x.addressable_data(0))
-        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-    return jax.tree.map(one, tree)
 
 
 def describe(params: PyTree) -> dict[str, str]:

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from trm_jax import tree_util
 from trm_jax.errors import TRMError
 from trm_jax.merging import task_vectors as tv
 
@@ -33,7 +34,7 @@ def _np_leaves(tree):
 def test_leaf_names_and_size():
     tree = _tree(np.random.default_rng(0))
     assert tv.leaf_names(tree) == NAMES
-    assert tv.tree_size(tree) == 5 + 30 + 20 + 12 + 1
+    assert tree_util.tree_size(tree) == 5 + 30 + 20 + 12 + 1
 
 
 def test_task_vector_and_apply_match_numpy():

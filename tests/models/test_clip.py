@@ -28,10 +28,13 @@ def test_safetensors_round_trip_and_hf_layout(tiny_clip, written):
     # torch layouts: Linear [out, in], Conv2d [out, in, kh, kw]
     q = common.flatten(params)["vision_model/encoder/layers/0/self_attn/q_proj/kernel"]
     np.testing.assert_array_equal(
-        tensors["vision_model.encoder.layers.0.self_attn.q_proj.weight"], np.asarray(q).T)
+        tensors["vision_model.encoder.layers.0.self_attn.q_proj.weight"], np.asarray(q).T
+    )
     conv = common.flatten(params)["vision_model/embeddings/patch_embedding/kernel"]
-    np.testing.assert_array_equal(tensors["vision_model.embeddings.patch_embedding.weight"],
-                                  np.asarray(conv).transpose(3, 2, 0, 1))
+    np.testing.assert_array_equal(
+        tensors["vision_model.embeddings.patch_embedding.weight"],
+        np.asarray(conv).transpose(3, 2, 0, 1),
+    )
     assert tensors["vision_model.pre_layrnorm.weight"].shape == (32,)
     assert tensors["logit_scale"].shape == ()
     loaded = loaders.load_clip_safetensors(path, tiny_clip)
@@ -53,12 +56,26 @@ def test_builder_loads_safetensors(tiny_clip, written, monkeypatch):
 def test_variant_inferred_from_shapes(tmp_path):
     # head counts follow OpenAI's head width of 64
     variant = clip.CLIPConfig(
-        name="clip", image_size=32, patch_size=16, vision_width=128, vision_layers=1,
-        vision_heads=2, vision_mlp_dim=64, text_width=64, text_layers=2, text_heads=1,
-        text_mlp_dim=32, vocab_size=100, context_length=8, projection_dim=24)
+        name="clip",
+        image_size=32,
+        patch_size=16,
+        vision_width=128,
+        vision_layers=1,
+        vision_heads=2,
+        vision_mlp_dim=64,
+        text_width=64,
+        text_layers=2,
+        text_heads=1,
+        text_mlp_dim=32,
+        vocab_size=100,
+        context_length=8,
+        projection_dim=24,
+    )
     path = str(tmp_path / "model.safetensors")
-    save_file({k: np.zeros(shape, np.float32)
-               for k, shape in loaders.hf_clip_shapes(variant).items()}, path)
+    save_file(
+        {k: np.zeros(shape, np.float32) for k, shape in loaders.hf_clip_shapes(variant).items()},
+        path,
+    )
     assert loaders.load_clip_safetensors(path).variant == variant
 
 
@@ -71,20 +88,39 @@ def _rewrite(src, dst, edit):
 def test_buffers_dropped_and_mismatches_listed(tiny_clip, written, tmp_path):
     path, params, _ = written
     bad = str(tmp_path / "model.safetensors")
-    _rewrite(path, bad, lambda t: t.update({
-        "vision_model.embeddings.position_ids": np.arange(17)[None],
-        "text_model.embeddings.position_ids": np.arange(16)[None]}))
+    _rewrite(
+        path,
+        bad,
+        lambda t: t.update(
+            {
+                "vision_model.embeddings.position_ids": np.arange(17)[None],
+                "text_model.embeddings.position_ids": np.arange(16)[None],
+            }
+        ),
+    )
     chex.assert_trees_all_equal(loaders.load_clip_safetensors(bad, tiny_clip).params, params)
 
-    _rewrite(path, bad, lambda t: (t.pop("text_projection.weight"),
-                                   t.update({"visual_projection.bias": np.zeros(16, np.float32)})))
-    with pytest.raises(CheckpointError, match=r"missing 1 \[text_projection.weight\]; "
-                                              r"extra 1 \[visual_projection.bias\]"):
+    _rewrite(
+        path,
+        bad,
+        lambda t: (
+            t.pop("text_projection.weight"),
+            t.update({"visual_projection.bias": np.zeros(16, np.float32)}),
+        ),
+    )
+    with pytest.raises(
+        CheckpointError,
+        match=r"missing 1 \[text_projection.weight\]; "
+        r"extra 1 \[visual_projection.bias\]",
+    ):
         loaders.load_clip_safetensors(bad, tiny_clip)
 
     wider = clip.CLIPConfig(**{**tiny_clip.__dict__, "projection_dim": 8})
-    with pytest.raises(CheckpointError, match=r"mis-shaped 2 \[.*projection.weight file "
-                                              r"\(16, 32\) vs model \(8, 32\)"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"mis-shaped 2 \[.*projection.weight file "
+        r"\(16, 32\) vs model \(8, 32\)",
+    ):
         loaders.load_clip_safetensors(path, wider)
     with pytest.raises(CheckpointError, match="not a Hugging Face CLIPModel"):
         _rewrite(path, bad, lambda t: t.pop("visual_projection.weight"))
@@ -104,7 +140,8 @@ def test_position_embedding_resampled(tiny_clip, written):
     assert got.shape == (5, 32)
     np.testing.assert_array_equal(got, common.resample_posemb(source, 2))
     feats = jax.jit(models.make_backbone(small, loaded.params, loaded.text_params).features_fn)(
-        loaded.params, jnp.zeros((2, 16, 16, 3)))
+        loaded.params, jnp.zeros((2, 16, 16, 3))
+    )
     assert feats.shape == (2, 16) and np.all(np.isfinite(feats))
 
 
@@ -118,7 +155,7 @@ def test_text_tower_pools_first_eot_under_causal_mask(tiny_clip, written, tok):
     noisy = tokens.copy()
     for row in noisy:
         first_eot = int(np.argmax(row == tok.eot_token_id))
-        row[first_eot + 1:] = 7
+        row[first_eot + 1 :] = 7
     np.testing.assert_allclose(encode(text_params, noisy), base, rtol=1e-6, atol=1e-6)
     # shorter sequences (a prefix holding the eot) give the same embedding too
     np.testing.assert_allclose(encode(text_params, tokens[:, :10]), base, rtol=1e-5, atol=1e-6)
@@ -138,8 +175,9 @@ def test_zeroshot_rows(tiny_clip, written, tok):
     encode = jax.jit(clip.make_encode_text_fn(tiny_clip))
     for c, name in enumerate(names):
         # one class at a time, in a different batch layout
-        embeds = np.asarray(encode(text_params, tok(
-            [t.format(name.replace("_", " ")) for t in templates] * 2)))[:2]
+        embeds = np.asarray(
+            encode(text_params, tok([t.format(name.replace("_", " ")) for t in templates] * 2))
+        )[:2]
         mean = np.mean([e / np.linalg.norm(e) for e in embeds], axis=0)
         np.testing.assert_allclose(rows[c], mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="template"):
@@ -153,8 +191,12 @@ def test_zeroshot_head_from_config(tiny_clip, written, vocab_path, tmp_path):
     _, params, text_params = written
     backbone = models.make_backbone(tiny_clip, params, text_params)
     cfg = models.default_config()
-    cfg.update(name="clip_tiny", head="zeroshot", tokenizer_vocab=vocab_path,
-               templates=("a photo of a {}.",))
+    cfg.update(
+        name="clip_tiny",
+        head="zeroshot",
+        tokenizer_vocab=vocab_path,
+        templates=("a photo of a {}.",),
+    )
     rows = models.zeroshot_head(backbone, ["cat", "dog"], cfg)
     npy = str(tmp_path / "rows.npy")
     heads.save_rows(npy, rows)
@@ -170,6 +212,9 @@ def test_zeroshot_head_from_config(tiny_clip, written, vocab_path, tmp_path):
 def test_clip_logits_formula():
     rng = np.random.default_rng(0)
     img, txt = rng.normal(size=(3, 4)), rng.normal(size=(5, 4))
-    expected = 100.0 * (img / np.linalg.norm(img, axis=1, keepdims=True)) @ (
-        txt / np.linalg.norm(txt, axis=1, keepdims=True)).T
+    expected = (
+        100.0
+        * (img / np.linalg.norm(img, axis=1, keepdims=True))
+        @ (txt / np.linalg.norm(txt, axis=1, keepdims=True)).T
+    )
     np.testing.assert_allclose(clip.clip_logits(img, txt, np.log(100.0)), expected, rtol=1e-5)

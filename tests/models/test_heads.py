@@ -28,16 +28,16 @@ def test_prototype_rows_match_numpy():
 def test_cosine_and_linear_logits():
     rng = np.random.default_rng(1)
     f, r = rng.normal(size=(4, 6)), rng.normal(size=(3, 6))
-    np.testing.assert_allclose(heads.cosine_logits(f, r, 30.0), 30.0 * _unit(f) @ _unit(r).T,
-                               rtol=1e-5)
+    np.testing.assert_allclose(
+        heads.cosine_logits(f, r, 30.0), 30.0 * _unit(f) @ _unit(r).T, rtol=1e-5
+    )
     w, b = rng.normal(size=(3, 6)), rng.normal(size=3)
     np.testing.assert_allclose(heads.linear_logits(f, w, b), f @ w.T + b, rtol=1e-5)
     init = heads.linear_init(3, 6)
     assert init["w"].shape == (3, 6) and not np.any(init["w"]) and not np.any(init["b"])
     apply_fn = heads.cosine_apply_fn(lambda p, x: x @ p, r, 10.0)
     p = rng.normal(size=(6, 6))
-    np.testing.assert_allclose(jax.jit(apply_fn)(p, f), 10.0 * _unit(f @ p) @ _unit(r).T,
-                               rtol=1e-5)
+    np.testing.assert_allclose(jax.jit(apply_fn)(p, f), 10.0 * _unit(f @ p) @ _unit(r).T, rtol=1e-5)
 
 
 def test_load_rows_checks(tmp_path):

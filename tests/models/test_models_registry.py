@@ -27,8 +27,13 @@ PINNED = {
 # Published sizes in millions WITH a 1000-class head (timm's model cards for the
 # vision_transformer / AugReg weights), and published CLIP totals (both towers + logit scale).
 PUBLISHED_WITH_1K_HEAD_M = {
-    "vit_ti16": 5.72, "vit_s16": 22.05, "vit_s32": 22.88, "vit_b16": 86.57,
-    "vit_b32": 88.22, "vit_l16": 304.33, "vit_l32": 306.54,
+    "vit_ti16": 5.72,
+    "vit_s16": 22.05,
+    "vit_s32": 22.88,
+    "vit_b16": 86.57,
+    "vit_b32": 88.22,
+    "vit_l16": 304.33,
+    "vit_l32": 306.54,
 }
 PUBLISHED_CLIP_TOTAL = {
     "clip_vit_b16": 149_620_737,  # openai/clip-vit-base-patch16
@@ -71,11 +76,16 @@ def test_vit_b16_is_85_8m():
 
 def test_vit_names_are_the_published_npz_keys():
     names = set(common.flatten(models.param_shapes(models.get("vit_b16"))))
-    for key in ["embedding/kernel", "embedding/bias", "cls",
-                "Transformer/posembed_input/pos_embedding",
-                "Transformer/encoderblock_11/MultiHeadDotProductAttention_1/query/kernel",
-                "Transformer/encoderblock_0/MlpBlock_3/Dense_1/bias",
-                "Transformer/encoderblock_5/LayerNorm_2/scale", "Transformer/encoder_norm/bias"]:
+    for key in [
+        "embedding/kernel",
+        "embedding/bias",
+        "cls",
+        "Transformer/posembed_input/pos_embedding",
+        "Transformer/encoderblock_11/MultiHeadDotProductAttention_1/query/kernel",
+        "Transformer/encoderblock_0/MlpBlock_3/Dense_1/bias",
+        "Transformer/encoderblock_5/LayerNorm_2/scale",
+        "Transformer/encoder_norm/bias",
+    ]:
         assert key in names
     assert len(names) == 4 + 2 + 12 * 16
 
@@ -103,13 +113,31 @@ def test_overrides_and_invalid_values():
 
 def test_default_config_builds_the_embedded_default():
     cfg = models.default_config()
-    for field in ["name", "checkpoint", "checkpoint_format", "image_size", "patch_size",
-                  "head", "head_scale", "zeroshot_head", "tokenizer_vocab", "templates",
-                  "dtype", "width", "depth", "heads", "mlp_dim"]:
+    for field in [
+        "name",
+        "checkpoint",
+        "checkpoint_format",
+        "image_size",
+        "patch_size",
+        "head",
+        "head_scale",
+        "zeroshot_head",
+        "tokenizer_vocab",
+        "templates",
+        "dtype",
+        "width",
+        "depth",
+        "heads",
+        "mlp_dim",
+    ]:
         assert field in cfg
     backbone = models.build(cfg, key=jax.random.key(0))
     assert (backbone.name, backbone.image_size, backbone.channels, backbone.feature_dim) == (
-        "vit_tiny", 28, 1, 64)
+        "vit_tiny",
+        28,
+        1,
+        64,
+    )
     assert backbone.normalization == "inception" and backbone.encode_text_fn is None
     images = jax.random.normal(jax.random.key(1), (2, 28, 28, 1))
     feats = jax.jit(backbone.features_fn)(backbone.params, images)

@@ -44,13 +44,27 @@ def _tensor(out, attr):
 def hf_clip(tok, tmp_path_factory):
     torch.manual_seed(0)
     config = transformers.CLIPConfig(
-        text_config=dict(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64,
-                         num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
-                         bos_token_id=tok.sot_token_id, eos_token_id=tok.eot_token_id,
-                         pad_token_id=tok.eot_token_id),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                           num_attention_heads=4, image_size=32, patch_size=8),
-        projection_dim=16)
+        text_config=dict(
+            vocab_size=tok.vocab_size,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=16,
+            bos_token_id=tok.sot_token_id,
+            eos_token_id=tok.eot_token_id,
+            pad_token_id=tok.eot_token_id,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=16,
+    )
     model = transformers.CLIPModel(config).eval()
     _perturb(model, 1)
     directory = tmp_path_factory.mktemp("hf_clip")
@@ -66,12 +80,19 @@ def test_clip_parity(hf_clip, tok):
     backbone = models.make_backbone(weights.variant, weights.params, weights.text_params)
 
     images = np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype(np.float32)
-    tokens = tok(["a photo of a cat.", "art of the automobile.", "a horse in a video game.",
-                  "itap of a truck."])
+    tokens = tok(
+        [
+            "a photo of a cat.",
+            "art of the automobile.",
+            "a horse in a video game.",
+            "itap of a truck.",
+        ]
+    )
     ours_image = np.asarray(jax.jit(backbone.features_fn)(backbone.params, images))
     ours_text = np.asarray(jax.jit(backbone.encode_text_fn)(backbone.text_params, tokens))
-    ours_logits = np.asarray(clip.clip_logits(ours_image, ours_text,
-                                              backbone.text_params["logit_scale"]))
+    ours_logits = np.asarray(
+        clip.clip_logits(ours_image, ours_text, backbone.text_params["logit_scale"])
+    )
 
     with torch.no_grad():
         pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
@@ -95,8 +116,14 @@ def test_tokenizer_parity(vocab_path, tok, tmp_path):
     (tmp_path / "vocab.json").write_text(json.dumps(tok.encoder))
     (tmp_path / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
     hf = transformers.CLIPTokenizer.from_pretrained(str(tmp_path))
-    texts = ["a photo of a cat.", "A Bad PHOTO of the  airplane!", "it's a ship's photo; "
-             "they're here.", "2 frogs, 42 deer", "café naïve über", "unseen zebra words?!"]
+    texts = [
+        "a photo of a cat.",
+        "A Bad PHOTO of the  airplane!",
+        "it's a ship's photo; they're here.",
+        "2 frogs, 42 deer",
+        "café naïve über",
+        "unseen zebra words?!",
+    ]
     expected = hf(texts)["input_ids"]
     for text, ids in zip(texts, expected, strict=True):
         assert [tok.sot_token_id, *tok.encode(text), tok.eot_token_id] == list(ids), text
@@ -105,19 +132,30 @@ def test_tokenizer_parity(vocab_path, tok, tmp_path):
 @pytest.mark.parametrize("name", ["clip_vit_b16", "clip_vit_b32", "clip_vit_l14"])
 def test_full_size_clip_layout(name):
     variant = models.get(name)
-    vision = dict(hidden_size=variant.vision_width, intermediate_size=variant.vision_mlp_dim,
-                  num_hidden_layers=variant.vision_layers,
-                  num_attention_heads=variant.vision_heads, image_size=variant.image_size,
-                  patch_size=variant.patch_size)
-    text = dict(hidden_size=variant.text_width, intermediate_size=variant.text_mlp_dim,
-                num_hidden_layers=variant.text_layers, num_attention_heads=variant.text_heads,
-                vocab_size=variant.vocab_size, max_position_embeddings=variant.context_length)
-    config = transformers.CLIPConfig(text_config=text, vision_config=vision,
-                                     projection_dim=variant.projection_dim)
+    vision = dict(
+        hidden_size=variant.vision_width,
+        intermediate_size=variant.vision_mlp_dim,
+        num_hidden_layers=variant.vision_layers,
+        num_attention_heads=variant.vision_heads,
+        image_size=variant.image_size,
+        patch_size=variant.patch_size,
+    )
+    text = dict(
+        hidden_size=variant.text_width,
+        intermediate_size=variant.text_mlp_dim,
+        num_hidden_layers=variant.text_layers,
+        num_attention_heads=variant.text_heads,
+        vocab_size=variant.vocab_size,
+        max_position_embeddings=variant.context_length,
+    )
+    config = transformers.CLIPConfig(
+        text_config=text, vision_config=vision, projection_dim=variant.projection_dim
+    )
     with torch.device("meta"):
         model = transformers.CLIPModel(config)
-    theirs = {k: tuple(v.shape) for k, v in model.state_dict().items()
-              if k not in loaders.HF_CLIP_BUFFERS}
+    theirs = {
+        k: tuple(v.shape) for k, v in model.state_dict().items() if k not in loaders.HF_CLIP_BUFFERS
+    }
     assert theirs == loaders.hf_clip_shapes(variant)
 
 
@@ -129,7 +167,8 @@ def _hf_vit_state(params, depth, new_names: bool):
         "embeddings.cls_token": flat["cls"],
         "embeddings.position_embeddings": flat["Transformer/posembed_input/pos_embedding"],
         "embeddings.patch_embeddings.projection.weight": flat["embedding/kernel"].permute(
-            3, 2, 0, 1),
+            3, 2, 0, 1
+        ),
         "embeddings.patch_embeddings.projection.bias": flat["embedding/bias"],
         "layernorm.weight": flat["Transformer/encoder_norm/scale"],
         "layernorm.bias": flat["Transformer/encoder_norm/bias"],
@@ -139,14 +178,24 @@ def _hf_vit_state(params, depth, new_names: bool):
         mha = src + "MultiHeadDotProductAttention_1/"
         if new_names:
             dst = f"layers.{i}."
-            names = {"query": "attention.q_proj", "key": "attention.k_proj",
-                     "value": "attention.v_proj", "out": "attention.o_proj",
-                     "fc1": "mlp.fc1", "fc2": "mlp.fc2"}
+            names = {
+                "query": "attention.q_proj",
+                "key": "attention.k_proj",
+                "value": "attention.v_proj",
+                "out": "attention.o_proj",
+                "fc1": "mlp.fc1",
+                "fc2": "mlp.fc2",
+            }
         else:
             dst = f"encoder.layer.{i}."
-            names = {"query": "attention.attention.query", "key": "attention.attention.key",
-                     "value": "attention.attention.value", "out": "attention.output.dense",
-                     "fc1": "intermediate.dense", "fc2": "output.dense"}
+            names = {
+                "query": "attention.attention.query",
+                "key": "attention.attention.key",
+                "value": "attention.attention.value",
+                "out": "attention.output.dense",
+                "fc1": "intermediate.dense",
+                "fc2": "output.dense",
+            }
         for n in ("query", "key", "value"):
             sd[f"{dst}{names[n]}.weight"] = flat[f"{mha}{n}/kernel"].reshape(d, d).T
             sd[f"{dst}{names[n]}.bias"] = flat[f"{mha}{n}/bias"].reshape(d)
@@ -155,8 +204,10 @@ def _hf_vit_state(params, depth, new_names: bool):
         for j, n in enumerate(("fc1", "fc2")):
             sd[f"{dst}{names[n]}.weight"] = flat[f"{src}MlpBlock_3/Dense_{j}/kernel"].T
             sd[f"{dst}{names[n]}.bias"] = flat[f"{src}MlpBlock_3/Dense_{j}/bias"]
-        for ours, theirs in (("LayerNorm_0", "layernorm_before"),
-                             ("LayerNorm_2", "layernorm_after")):
+        for ours, theirs in (
+            ("LayerNorm_0", "layernorm_before"),
+            ("LayerNorm_2", "layernorm_after"),
+        ):
             sd[f"{dst}{theirs}.weight"] = flat[f"{src}{ours}/scale"]
             sd[f"{dst}{theirs}.bias"] = flat[f"{src}{ours}/bias"]
     return sd
@@ -169,12 +220,21 @@ def test_vit_parity(tiny_vit, tmp_path):
     # make every tensor (LayerNorms, biases) non-trivial
     leaves, treedef = jax.tree.flatten(params)
     keys = jax.random.split(jax.random.key(9), len(leaves))
-    params = treedef.unflatten([p + 0.05 * jax.random.normal(k, p.shape)
-                                for k, p in zip(keys, leaves, strict=True)])
+    params = treedef.unflatten(
+        [p + 0.05 * jax.random.normal(k, p.shape) for k, p in zip(keys, leaves, strict=True)]
+    )
     config = transformers.ViTConfig(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-        image_size=32, patch_size=8, num_channels=3, hidden_act="gelu_pytorch_tanh",
-        layer_norm_eps=1e-6, qkv_bias=True)
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        image_size=32,
+        patch_size=8,
+        num_channels=3,
+        hidden_act="gelu_pytorch_tanh",
+        layer_norm_eps=1e-6,
+        qkv_bias=True,
+    )
     model = transformers.ViTModel(config, add_pooling_layer=False).eval()
     wanted = set(model.state_dict())
     for new_names in (True, False):

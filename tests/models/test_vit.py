@@ -29,8 +29,16 @@ def test_npz_round_trip_identical(tiny_vit, tmp_path):
         np.testing.assert_array_equal(np.asarray(common.flatten(loaded)[name]), value)
     # and through the config-driven builder
     cfg = models.default_config()
-    cfg.update(checkpoint=path, image_size=32, patch_size=8, channels=3, width=32, depth=2,
-               heads=4, mlp_dim=64)
+    cfg.update(
+        checkpoint=path,
+        image_size=32,
+        patch_size=8,
+        channels=3,
+        width=32,
+        depth=2,
+        heads=4,
+        mlp_dim=64,
+    )
     backbone = models.build(cfg, key=jax.random.key(0))
     chex.assert_trees_all_equal(backbone.params, written)
 
@@ -55,19 +63,28 @@ def test_missing_extra_misshaped_keys_are_listed(tiny_vit, tmp_path):
     message = str(err.value).split(": ", 1)[1]  # after "checkpoint <path> does not match ..."
     assert "extra" not in message and "mis-shaped" not in message and "\n" not in message
 
-    _rewrite(src, bad, lambda a: a.update({"Transformer/encoderblock_2/LayerNorm_0/scale":
-                                           np.ones(32, np.float32)}))
+    _rewrite(
+        src,
+        bad,
+        lambda a: a.update(
+            {"Transformer/encoderblock_2/LayerNorm_0/scale": np.ones(32, np.float32)}
+        ),
+    )
     with pytest.raises(CheckpointError, match="extra 1 .*encoderblock_2/LayerNorm_0/scale"):
         loaders.load_vit_npz(bad, tiny_vit)
 
     _rewrite(src, bad, lambda a: a.update({"cls": np.zeros((1, 1, 16), np.float32)}))
-    with pytest.raises(CheckpointError, match=r"mis-shaped 1 \[cls file \(1, 1, 16\) vs model "
-                                              r"\(1, 1, 32\)\]"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"mis-shaped 1 \[cls file \(1, 1, 16\) vs model "
+        r"\(1, 1, 32\)\]",
+    ):
         loaders.load_vit_npz(bad, tiny_vit)
 
     # a deeper model reads the file: 2 missing blocks, 32 names, counted and truncated
-    deeper = models.get("vit_tiny", image_size=32, patch_size=8, channels=3, width=32,
-                        depth=4, heads=4, mlp_dim=64)
+    deeper = models.get(
+        "vit_tiny", image_size=32, patch_size=8, channels=3, width=32, depth=4, heads=4, mlp_dim=64
+    )
     with pytest.raises(CheckpointError, match=r"missing 32 \[.*and 20 more\]"):
         loaders.load_vit_npz(src, deeper)
 
@@ -76,16 +93,36 @@ def test_hints_pre_logits_and_channels(tiny_vit, tmp_path):
     src = str(tmp_path / "ok.npz")
     loaders.create_checkpoint(tiny_vit, src)
     bad = str(tmp_path / "pre.npz")
-    _rewrite(src, bad, lambda a: a.update({"pre_logits/kernel": np.zeros((32, 32), np.float32),
-                                           "pre_logits/bias": np.zeros(32, np.float32)}))
+    _rewrite(
+        src,
+        bad,
+        lambda a: a.update(
+            {
+                "pre_logits/kernel": np.zeros((32, 32), np.float32),
+                "pre_logits/bias": np.zeros(32, np.float32),
+            }
+        ),
+    )
     with pytest.raises(CheckpointError, match="representation_size"):
         loaders.load_vit_npz(bad, tiny_vit)
-    with_rep = models.get("vit_tiny", image_size=32, patch_size=8, channels=3, width=32,
-                          depth=2, heads=4, mlp_dim=64, representation_size=32)
+    with_rep = models.get(
+        "vit_tiny",
+        image_size=32,
+        patch_size=8,
+        channels=3,
+        width=32,
+        depth=2,
+        heads=4,
+        mlp_dim=64,
+        representation_size=32,
+    )
     assert common.flatten(loaders.load_vit_npz(bad, with_rep))["pre_logits/kernel"].shape == (
-        32, 32)
-    gray = models.get("vit_tiny", image_size=32, patch_size=8, channels=1, width=32, depth=2,
-                      heads=4, mlp_dim=64)
+        32,
+        32,
+    )
+    gray = models.get(
+        "vit_tiny", image_size=32, patch_size=8, channels=1, width=32, depth=2, heads=4, mlp_dim=64
+    )
     with pytest.raises(CheckpointError, match="mis-shaped.*embedding/kernel.*channels=3"):
         loaders.load_vit_npz(src, gray)
 
@@ -94,8 +131,13 @@ def test_opt_target_prefix_and_unreadable_files(tiny_vit, tmp_path):
     src = str(tmp_path / "ok.npz")
     written = loaders.create_checkpoint(tiny_vit, src)
     wrapped = str(tmp_path / "opt.npz")
-    _rewrite(src, wrapped, lambda a: a.update(
-        {**{f"opt/target/{k}": a.pop(k) for k in list(a)}, "opt/state/step": np.zeros(())}))
+    _rewrite(
+        src,
+        wrapped,
+        lambda a: a.update(
+            {**{f"opt/target/{k}": a.pop(k) for k in list(a)}, "opt/state/step": np.zeros(())}
+        ),
+    )
     chex.assert_trees_all_equal(loaders.load_vit_npz(wrapped, tiny_vit), written)
     junk = tmp_path / "junk.npz"
     junk.write_bytes(b"not a zip file")
@@ -131,8 +173,9 @@ def test_resample_posemb_matches_reference(old, new):
 def test_npz_posemb_resampled_on_load(tiny_vit, tmp_path):
     path = str(tmp_path / "ViT-tiny-32px.npz")
     written = loaders.create_checkpoint(tiny_vit, path)
-    small = models.get("vit_tiny", image_size=16, patch_size=8, channels=3, width=32, depth=2,
-                       heads=4, mlp_dim=64)
+    small = models.get(
+        "vit_tiny", image_size=16, patch_size=8, channels=3, width=32, depth=2, heads=4, mlp_dim=64
+    )
     loaded = common.flatten(loaders.load_vit_npz(path, small))
     src = np.asarray(common.flatten(written)[POSEMB])
     assert loaded[POSEMB].shape == (1, 5, 32)
@@ -189,13 +232,16 @@ def test_second_order_derivative_matches_finite_differences():
     leaves, treedef = jax.tree.flatten(backbone.params)
     keys = jax.random.split(jax.random.key(3), len(leaves))
     direction = treedef.unflatten(
-        [jax.random.normal(k, p.shape) for k, p in zip(keys, leaves, strict=True)])
+        [jax.random.normal(k, p.shape) for k, p in zip(keys, leaves, strict=True)]
+    )
     norm = jnp.sqrt(sum(jnp.sum(d**2) for d in jax.tree.leaves(direction)))
     direction = jax.tree.map(lambda d: d / norm, direction)
     eps = 1e-2
     second = jax.jit(jax.grad(grad_norm_sq))(backbone.params)
-    analytic = sum(jnp.vdot(a, b) for a, b in zip(
-        jax.tree.leaves(second), jax.tree.leaves(direction), strict=True))
+    analytic = sum(
+        jnp.vdot(a, b)
+        for a, b in zip(jax.tree.leaves(second), jax.tree.leaves(direction), strict=True)
+    )
     g = jax.jit(grad_norm_sq)
     shift = lambda s: jax.tree.map(lambda p, d: p + s * eps * d, backbone.params, direction)
     numeric = (g(shift(1.0)) - g(shift(-1.0))) / (2 * eps)

@@ -25,7 +25,7 @@ import numpy as np
 from trm_jax.data import class_names as names
 from trm_jax.data import local
 from trm_jax.data import tfds as tfds_source
-from trm_jax.errors import ConfigError, DataError
+from trm_jax.errors import ConfigError, DataError, UnknownNameError
 
 SPLITS = ("train", "val", "test")
 CLASS_ORDERS = ("natural", "shuffled")
@@ -34,13 +34,6 @@ CLASS_ORDERS = ("natural", "shuffled")
 _TAG_TEST_CARVE, _TAG_TEST_CAP, _TAG_TRAIN_CAP, _TAG_VAL = 0, 1, 2, 3
 # Test-side draws use a fixed seed: the test set is part of the benchmark, not of a run.
 _TEST_SEED = 0
-
-
-class UnknownNameError(ConfigError, KeyError):
-    """A registry lookup missed; the message lists the choices (a ``KeyError`` too)."""
-
-    def __str__(self) -> str:  # KeyError would quote the message
-        return str(self.args[0]) if self.args else ""
 
 
 class Benchmark(NamedTuple):

@@ -25,9 +25,9 @@ from typing import Any
 import jax
 import ml_collections
 
-from trm_jax.errors import ConfigError
+from trm_jax.errors import ConfigError, UnknownNameError
 from trm_jax.merging import running
-from trm_jax.merging.baselines import average, dare, magmax, randmix, task_arithmetic, ties
+from trm_jax.merging.rules import average, dare, magmax, randmix, task_arithmetic, ties
 from trm_jax.merging.task_vectors import (
     NonFiniteError,
     TreeMismatchError,
@@ -54,11 +54,12 @@ MERGERS: dict[str, Merger] = {
 
 
 def get(name: str) -> Merger:
-    """The merge function registered under ``name``; ``KeyError`` lists the valid names."""
+    """The merge function registered under ``name``; ``UnknownNameError`` (a ``KeyError``)
+    lists the valid names."""
     try:
         return MERGERS[name]
     except KeyError:
-        raise KeyError(
+        raise UnknownNameError(
             f"unknown merge method {name!r}; choose one of: {', '.join(sorted(MERGERS))}"
         ) from None
 

@@ -22,17 +22,15 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from trm_jax.errors import UnknownNameError
 from trm_jax.merging.task_vectors import (
     NonFiniteError,
     check_finite,
     check_like,
     finite_leaves,
-    is_traced,
-    leaf_names,
     maxmag2,
 )
-
-PyTree = Any
+from trm_jax.tree_util import PyTree, f32, is_traced, leaf_names
 
 
 class AverageState(NamedTuple):
@@ -65,27 +63,25 @@ STATES: dict[str, type] = {
 }
 
 
-def _f32(x: jax.Array) -> jax.Array:
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
 def init(rule: str, like: PyTree) -> State:
     """Empty state for ``rule`` with leaves shaped like ``like`` (zeros, >= float32)."""
     if rule not in STATES:
-        raise KeyError(f"no running form for merge rule {rule!r}; choose one of {sorted(STATES)}")
-    zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), _f32(jnp.asarray(x)).dtype), like)
+        raise UnknownNameError(
+            f"no running form for merge rule {rule!r}; choose one of {sorted(STATES)}"
+        )
+    zeros = jax.tree.map(lambda x: jnp.zeros(jnp.shape(x), f32(jnp.asarray(x)).dtype), like)
     return STATES[rule](zeros, jnp.zeros((), jnp.int32))
 
 
 @jax.jit
 def _add_leaf(total: jax.Array, t: jax.Array) -> jax.Array:
-    return total + _f32(t)
+    return total + f32(t)
 
 
 @jax.jit
 def _maxmag_leaf(best: jax.Array, t: jax.Array) -> jax.Array:
     # The ``+ 0 * t`` makes a NaN/Inf in t visible in the state (maxmag alone skips NaN).
-    return maxmag2(best, _f32(t)) + _f32(t) * 0.0
+    return maxmag2(best, f32(t)) + f32(t) * 0.0
 
 
 def update(state: State, tv: PyTree) -> State:
@@ -112,7 +108,7 @@ def update(state: State, tv: PyTree) -> State:
 
 @jax.jit
 def _scaled_leaf(b: jax.Array, s: jax.Array, scale: jax.Array) -> jax.Array:
-    return (_f32(b) + scale * s).astype(b.dtype)
+    return (f32(b) + scale * s).astype(b.dtype)
 
 
 def _scaled(base: PyTree, tree: PyTree, scale: Any) -> PyTree:

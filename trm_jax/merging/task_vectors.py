@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from trm_jax.errors import TrainingError, TRMError
+from trm_jax.tree_util import PyTree, is_traced
 
-PyTree = Any
+# Re-exported: the merge rules and users name leaves through this module.
+from trm_jax.tree_util import leaf_names as leaf_names  # noqa: E402
+from trm_jax.tree_util import path_to_name as path_to_name  # noqa: E402
 
 
 class TreeMismatchError(TRMError, ValueError):
@@ -28,35 +30,6 @@ class TreeMismatchError(TRMError, ValueError):
 
 class NonFiniteError(TrainingError, ValueError):
     """A merge input or output holds NaN or Inf (message names every bad leaf)."""
-
-
-def leaf_names(tree: PyTree) -> list[str]:
-    """Flattened leaf paths as ``a/b/c`` strings, in ``jax.tree.leaves`` order."""
-    flat, _ = jax.tree_util.tree_flatten_with_path(tree)
-    return [path_to_name(path) for path, _ in flat]
-
-
-def path_to_name(path) -> str:
-    """``(DictKey('a'), DictKey('b'))`` -> ``'a/b'`` (the form name regexes match)."""
-    parts = []
-    for key in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(key, attr):
-                parts.append(str(getattr(key, attr)))
-                break
-        else:
-            parts.append(jax.tree_util.keystr((key,)))
-    return "/".join(parts)
-
-
-def tree_size(tree: PyTree) -> int:
-    """Total number of elements over every leaf (static: works on tracers too)."""
-    return sum(int(np.prod(jnp.shape(x), dtype=np.int64)) for x in jax.tree.leaves(tree))
-
-
-def is_traced(tree: PyTree) -> bool:
-    """True when any leaf is a tracer (we are inside ``jit``/``grad``: values unknown)."""
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
 
 
 def check_like(reference: PyTree, *others: PyTree, names: Sequence[str] | None = None) -> None:

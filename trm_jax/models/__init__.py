@@ -19,18 +19,35 @@ import os
 import jax
 import ml_collections
 
-from trm_jax.errors import ConfigError
+from trm_jax.errors import ConfigError, UnknownNameError
 from trm_jax.models import clip, common, heads, loaders, tokenizer, vit
 from trm_jax.models.common import Backbone, count_params
 
-__all__ = ["MODELS", "Backbone", "build", "clip", "common", "count_params", "default_config",
-           "get", "heads", "init", "loaders", "make_backbone", "param_shapes", "tokenizer",
-           "variant_from_config", "vit", "zeroshot_head"]
+__all__ = [
+    "MODELS",
+    "Backbone",
+    "build",
+    "clip",
+    "common",
+    "count_params",
+    "default_config",
+    "get",
+    "heads",
+    "init",
+    "loaders",
+    "make_backbone",
+    "param_shapes",
+    "tokenizer",
+    "variant_from_config",
+    "vit",
+    "zeroshot_head",
+]
 
 
 def _vit(name, width, depth, heads_, mlp_dim, patch, **kw) -> vit.ViTConfig:
-    return vit.ViTConfig(name=name, width=width, depth=depth, heads=heads_, mlp_dim=mlp_dim,
-                         patch_size=patch, **kw)
+    return vit.ViTConfig(
+        name=name, width=width, depth=depth, heads=heads_, mlp_dim=mlp_dim, patch_size=patch, **kw
+    )
 
 
 _VIT_SIZES = {  # width, depth, heads, mlp_dim (Dosovitskiy et al.; Steiner et al. for Ti/S)
@@ -41,33 +58,49 @@ _VIT_SIZES = {  # width, depth, heads, mlp_dim (Dosovitskiy et al.; Steiner et a
 }
 
 MODELS: dict[str, vit.ViTConfig | clip.CLIPConfig] = {
-    **{f"vit_{size}{patch}": _vit(f"vit_{size}{patch}", *dims, patch)
-       for size, dims in _VIT_SIZES.items() for patch in (16, 32)},
+    **{
+        f"vit_{size}{patch}": _vit(f"vit_{size}{patch}", *dims, patch)
+        for size, dims in _VIT_SIZES.items()
+        for patch in (16, 32)
+    },
     # Tests and the embedded offline default: 28 px grayscale, ~0.14M parameters.
     "vit_tiny": _vit("vit_tiny", 64, 4, 4, 128, 4, image_size=28, channels=1),
     "clip_vit_b16": clip.CLIPConfig(name="clip_vit_b16"),
     "clip_vit_b32": clip.CLIPConfig(name="clip_vit_b32", patch_size=32),
     "clip_vit_l14": clip.CLIPConfig(
-        name="clip_vit_l14", patch_size=14, vision_width=1024, vision_layers=24,
-        vision_heads=16, vision_mlp_dim=4096, text_width=768, text_heads=12,
-        text_mlp_dim=3072, projection_dim=768),
+        name="clip_vit_l14",
+        patch_size=14,
+        vision_width=1024,
+        vision_layers=24,
+        vision_heads=16,
+        vision_mlp_dim=4096,
+        text_width=768,
+        text_heads=12,
+        text_mlp_dim=3072,
+        projection_dim=768,
+    ),
 }
 
 # OpenAI's seven-prompt ensemble recommended for ImageNet zero-shot transfer.
 DEFAULT_TEMPLATES = (
-    "itap of a {}.", "a bad photo of the {}.", "a origami {}.", "a photo of the large {}.",
-    "a {} in a video game.", "art of the {}.", "a photo of the small {}.",
+    "itap of a {}.",
+    "a bad photo of the {}.",
+    "a origami {}.",
+    "a photo of the large {}.",
+    "a {} in a video game.",
+    "art of the {}.",
+    "a photo of the small {}.",
 )
 
 
 def get(name: str, **overrides):
     """The registered variant ``name`` with ``overrides`` applied (a new frozen config).
 
-    Unknown names raise ``KeyError`` listing the choices; unknown fields or invalid
-    values raise ``ConfigError``.
+    Unknown names raise ``UnknownNameError`` (a ``KeyError``) listing the choices; unknown
+    fields or invalid values raise ``ConfigError``.
     """
     if name not in MODELS:
-        raise KeyError(f"unknown model {name!r}; choices: {', '.join(sorted(MODELS))}")
+        raise UnknownNameError(f"unknown model {name!r}; choices: {', '.join(sorted(MODELS))}")
     variant = MODELS[name]
     fields = {f.name for f in dataclasses.fields(variant)} - {"name"}
     unknown = sorted(set(overrides) - fields)
@@ -93,25 +126,27 @@ def default_config() -> ml_collections.ConfigDict:
     tokenizer_vocab: CLIP BPE file (``bpe_simple_vocab_16e6.txt.gz``) for zero-shot heads.
     templates: prompt templates with ``{}`` for the class name.
     """
-    return ml_collections.ConfigDict({
-        "name": "vit_tiny",
-        "checkpoint": "",
-        "checkpoint_format": "auto",
-        "image_size": 0,
-        "patch_size": 0,
-        "channels": 0,
-        "width": 0,
-        "depth": 0,
-        "heads": 0,
-        "mlp_dim": 0,
-        "representation_size": -1,
-        "dtype": "float32",
-        "head": "prototype",
-        "head_scale": 100.0,
-        "zeroshot_head": "",
-        "tokenizer_vocab": "",
-        "templates": DEFAULT_TEMPLATES,
-    })
+    return ml_collections.ConfigDict(
+        {
+            "name": "vit_tiny",
+            "checkpoint": "",
+            "checkpoint_format": "auto",
+            "image_size": 0,
+            "patch_size": 0,
+            "channels": 0,
+            "width": 0,
+            "depth": 0,
+            "heads": 0,
+            "mlp_dim": 0,
+            "representation_size": -1,
+            "dtype": "float32",
+            "head": "prototype",
+            "head_scale": 100.0,
+            "zeroshot_head": "",
+            "tokenizer_vocab": "",
+            "templates": DEFAULT_TEMPLATES,
+        }
+    )
 
 
 HEADS = ("prototype", "zeroshot", "linear")
@@ -124,7 +159,7 @@ def variant_from_config(model_config: ml_collections.ConfigDict):
     if cfg.head not in HEADS:
         raise ConfigError(f"model.head {cfg.head!r} not in {HEADS}")
     if cfg.name not in MODELS:
-        raise KeyError(f"unknown model {cfg.name!r}; choices: {', '.join(sorted(MODELS))}")
+        raise UnknownNameError(f"unknown model {cfg.name!r}; choices: {', '.join(sorted(MODELS))}")
     overrides = {k: cfg[k] for k in ("image_size", "patch_size", "channels") if cfg[k]}
     if cfg.dtype != "float32":
         overrides["dtype"] = cfg.dtype
@@ -132,8 +167,9 @@ def variant_from_config(model_config: ml_collections.ConfigDict):
     if cfg.representation_size >= 0:
         vit_only["representation_size"] = cfg.representation_size
     if vit_only and MODELS[cfg.name].family != "vit":
-        raise ConfigError(f"model fields {sorted(vit_only)} apply to ViT variants only, not "
-                          f"{cfg.name!r}")
+        raise ConfigError(
+            f"model fields {sorted(vit_only)} apply to ViT variants only, not {cfg.name!r}"
+        )
     return get(cfg.name, **overrides, **vit_only)
 
 
@@ -145,20 +181,27 @@ def _format(path: str, fmt: str) -> str:
     for suffix, found in ((".npz", "npz"), (".safetensors", "safetensors")):
         if path.endswith(suffix):
             return found
-    raise ConfigError(f"cannot tell the format of {path!r} from its suffix; set "
-                      "model.checkpoint_format to 'npz' or 'safetensors'")
+    raise ConfigError(
+        f"cannot tell the format of {path!r} from its suffix; set "
+        "model.checkpoint_format to 'npz' or 'safetensors'"
+    )
 
 
 def make_backbone(variant, params, text_params=None) -> Backbone:
     """Wrap ``params`` (and CLIP ``text_params``) of ``variant`` as a ``Backbone``."""
     is_clip = variant.family == "clip"
     return Backbone(
-        name=variant.name, variant=variant, params=params,
+        name=variant.name,
+        variant=variant,
+        params=params,
         features_fn=(clip if is_clip else vit).make_features_fn(variant),
-        image_size=variant.image_size, channels=variant.channels,
-        feature_dim=variant.feature_dim, normalization=variant.normalization,
+        image_size=variant.image_size,
+        channels=variant.channels,
+        feature_dim=variant.feature_dim,
+        normalization=variant.normalization,
         text_params=text_params if is_clip else None,
-        encode_text_fn=clip.make_encode_text_fn(variant) if is_clip else None)
+        encode_text_fn=clip.make_encode_text_fn(variant) if is_clip else None,
+    )
 
 
 def init(variant, *, key: jax.Array) -> Backbone:
@@ -185,8 +228,10 @@ def build(model_config: ml_collections.ConfigDict, *, key: jax.Array) -> Backbon
     fmt = _format(path, model_config.checkpoint_format)
     wanted = {"vit": "npz", "clip": "safetensors"}[variant.family]
     if fmt != wanted:
-        raise ConfigError(f"{variant.family.upper()} variant {variant.name!r} loads {wanted} "
-                          f"checkpoints, got {fmt} ({path})")
+        raise ConfigError(
+            f"{variant.family.upper()} variant {variant.name!r} loads {wanted} "
+            f"checkpoints, got {fmt} ({path})"
+        )
     path = os.path.expanduser(path)
     if variant.family == "vit":
         return make_backbone(variant, loaders.load_vit_npz(path, variant))
@@ -198,10 +243,15 @@ def zeroshot_head(backbone: Backbone, class_names, model_config: ml_collections.
     """Zero-shot rows ``[C, D]``: from ``model_config.zeroshot_head`` (.npy) when set, else
     from the CLIP text tower with ``tokenizer_vocab`` and ``templates``."""
     if model_config.zeroshot_head:
-        return heads.load_rows(model_config.zeroshot_head, num_classes=len(class_names),
-                               feature_dim=backbone.feature_dim)
+        return heads.load_rows(
+            model_config.zeroshot_head,
+            num_classes=len(class_names),
+            feature_dim=backbone.feature_dim,
+        )
     if not model_config.tokenizer_vocab:
-        raise ConfigError("a zero-shot head needs model.zeroshot_head (.npy rows) or "
-                          "model.tokenizer_vocab (bpe_simple_vocab_16e6.txt.gz)")
+        raise ConfigError(
+            "a zero-shot head needs model.zeroshot_head (.npy rows) or "
+            "model.tokenizer_vocab (bpe_simple_vocab_16e6.txt.gz)"
+        )
     tok = tokenizer.ClipTokenizer(model_config.tokenizer_vocab)
     return heads.zeroshot_rows(backbone, class_names, tuple(model_config.templates), tok)

@@ -15,16 +15,18 @@ import jax
 import jax.numpy as jnp
 
 
-def throughput(name: str, *, batch: int = 32, steps: int = 3, image_size: int = 0,
-               dtype: str = "float32") -> dict:
+def throughput(
+    name: str, *, batch: int = 32, steps: int = 3, image_size: int = 0, dtype: str = "float32"
+) -> dict:
     """``{'images_per_s', 'step_s', 'compile_s', 'device', ...}`` for ``models.get(name)``."""
     from trm_jax import models
 
     overrides = {"dtype": dtype, **({"image_size": image_size} if image_size else {})}
     variant = models.get(name, **overrides)
     backbone = models.init(variant, key=jax.random.key(0))
-    images = jax.random.normal(jax.random.key(1), (batch, variant.image_size,
-                                                   variant.image_size, variant.channels))
+    images = jax.random.normal(
+        jax.random.key(1), (batch, variant.image_size, variant.image_size, variant.channels)
+    )
     fn = jax.jit(backbone.features_fn)
     start = time.perf_counter()
     jax.block_until_ready(fn(backbone.params, images))
@@ -35,9 +37,16 @@ def throughput(name: str, *, batch: int = 32, steps: int = 3, image_size: int = 
         jax.block_until_ready(out)
     step_s = (time.perf_counter() - start) / steps
     assert bool(jnp.all(jnp.isfinite(out)))
-    return {"name": name, "batch": batch, "image_size": variant.image_size, "dtype": dtype,
-            "device": jax.devices()[0].device_kind, "compile_s": round(compile_s, 2),
-            "step_s": round(step_s, 3), "images_per_s": round(batch / step_s, 1)}
+    return {
+        "name": name,
+        "batch": batch,
+        "image_size": variant.image_size,
+        "dtype": dtype,
+        "device": jax.devices()[0].device_kind,
+        "compile_s": round(compile_s, 2),
+        "step_s": round(step_s, 3),
+        "images_per_s": round(batch / step_s, 1),
+    }
 
 
 def main(argv=None) -> None:
@@ -48,8 +57,15 @@ def main(argv=None) -> None:
     parser.add_argument("--image_size", type=int, default=0)
     parser.add_argument("--dtype", default="float32")
     args = parser.parse_args(argv)
-    print(throughput(args.name, batch=args.batch, steps=args.steps, image_size=args.image_size,
-                     dtype=args.dtype))
+    print(
+        throughput(
+            args.name,
+            batch=args.batch,
+            steps=args.steps,
+            image_size=args.image_size,
+            dtype=args.dtype,
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ from flax import nnx
 
 from trm_jax.errors import ConfigError
 from trm_jax.models import common
-from trm_jax.models.vit import _DTYPES, dot_product_attention
+from trm_jax.models.vit import dot_product_attention
+from trm_jax.tree_util import DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,21 +77,25 @@ class CLIPConfig:
     normalization = "clip"
 
     def __post_init__(self):
-        problems = [f"{f.name}={getattr(self, f.name)} must be positive"
-                    for f in dataclasses.fields(self)
-                    if f.type == "int" and f.name != "eot_token_id" and getattr(self, f.name) <= 0]
+        problems = [
+            f"{f.name}={getattr(self, f.name)} must be positive"
+            for f in dataclasses.fields(self)
+            if f.type == "int" and f.name != "eot_token_id" and getattr(self, f.name) <= 0
+        ]
         if not problems:
             if self.vision_width % self.vision_heads:
                 problems.append("vision_width is not divisible by vision_heads")
             if self.text_width % self.text_heads:
                 problems.append("text_width is not divisible by text_heads")
             if self.image_size % self.patch_size:
-                problems.append(f"image_size {self.image_size} is not a multiple of "
-                                f"patch_size {self.patch_size}")
+                problems.append(
+                    f"image_size {self.image_size} is not a multiple of "
+                    f"patch_size {self.patch_size}"
+                )
             if not -1 <= self.eot_token_id < self.vocab_size:
                 problems.append(f"eot_token_id {self.eot_token_id} outside the vocabulary")
-        if self.dtype not in _DTYPES:
-            problems.append(f"dtype {self.dtype!r} not in {sorted(_DTYPES)}")
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype {self.dtype!r} not in {sorted(DTYPES)}")
         if problems:
             raise ConfigError(f"CLIP variant {self.name!r}: " + "; ".join(problems))
 
@@ -122,8 +127,9 @@ class CLIPAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         split = lambda t: t.reshape(*t.shape[:-1], self.heads, -1)
-        out = dot_product_attention(split(self.q_proj(x)), split(self.k_proj(x)),
-                                    split(self.v_proj(x)), mask)
+        out = dot_product_attention(
+            split(self.q_proj(x)), split(self.k_proj(x)), split(self.v_proj(x)), mask
+        )
         return self.out_proj(out.reshape(*x.shape[:-1], -1))
 
 
@@ -137,8 +143,7 @@ class CLIPMLP(nnx.Module):
 
 
 class CLIPEncoderLayer(nnx.Module):
-    def __init__(self, width: int, heads: int, mlp_dim: int, eps: float, *, dtype,
-                 rngs: nnx.Rngs):
+    def __init__(self, width: int, heads: int, mlp_dim: int, eps: float, *, dtype, rngs: nnx.Rngs):
         self.self_attn = CLIPAttention(width, heads, dtype=dtype, rngs=rngs)
         self.layer_norm1 = nnx.LayerNorm(width, epsilon=eps, dtype=dtype, rngs=rngs)
         self.mlp = CLIPMLP(width, mlp_dim, dtype=dtype, rngs=rngs)
@@ -151,9 +156,12 @@ class CLIPEncoderLayer(nnx.Module):
 
 class CLIPEncoder(nnx.Module):
     def __init__(self, width, heads, mlp_dim, depth, eps, *, dtype, rngs: nnx.Rngs):
-        self.layers = nnx.List([
-            CLIPEncoderLayer(width, heads, mlp_dim, eps, dtype=dtype, rngs=rngs)
-            for _ in range(depth)])
+        self.layers = nnx.List(
+            [
+                CLIPEncoderLayer(width, heads, mlp_dim, eps, dtype=dtype, rngs=rngs)
+                for _ in range(depth)
+            ]
+        )
 
     def __call__(self, x: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         for layer in self.layers:
@@ -167,16 +175,25 @@ class CLIPVisionEmbeddings(nnx.Module):
         init = nnx.initializers.normal(stddev=width**-0.5)
         self.class_embedding = nnx.Param(init(rngs.params(), (width,)))
         self.patch_embedding = nnx.Conv(
-            cfg.channels, width, kernel_size=(p, p), strides=(p, p), padding="VALID",
-            use_bias=False, dtype=dtype, rngs=rngs)
+            cfg.channels,
+            width,
+            kernel_size=(p, p),
+            strides=(p, p),
+            padding="VALID",
+            use_bias=False,
+            dtype=dtype,
+            rngs=rngs,
+        )
         self.position_embedding = nnx.Embed(
-            1 + cfg.grid**2, width, embedding_init=init, dtype=dtype, rngs=rngs)
+            1 + cfg.grid**2, width, embedding_init=init, dtype=dtype, rngs=rngs
+        )
 
     def __call__(self, images: jax.Array) -> jax.Array:
         x = self.patch_embedding(images)
         x = x.reshape(x.shape[0], -1, x.shape[-1])
-        cls = jnp.broadcast_to(self.class_embedding[...].astype(x.dtype),
-                               (x.shape[0], 1, x.shape[-1]))
+        cls = jnp.broadcast_to(
+            self.class_embedding[...].astype(x.dtype), (x.shape[0], 1, x.shape[-1])
+        )
         x = jnp.concatenate([cls, x], axis=1)
         return x + self.position_embedding.embedding[...].astype(x.dtype)
 
@@ -186,10 +203,16 @@ class CLIPVisionTransformer(nnx.Module):
         eps = cfg.layer_norm_eps
         self.embeddings = CLIPVisionEmbeddings(cfg, dtype=dtype, rngs=rngs)
         self.pre_layrnorm = nnx.LayerNorm(cfg.vision_width, epsilon=eps, dtype=dtype, rngs=rngs)
-        self.encoder = CLIPEncoder(cfg.vision_width, cfg.vision_heads, cfg.vision_mlp_dim,
-                                   cfg.vision_layers, eps, dtype=dtype, rngs=rngs)
-        self.post_layernorm = nnx.LayerNorm(cfg.vision_width, epsilon=eps, dtype=dtype,
-                                            rngs=rngs)
+        self.encoder = CLIPEncoder(
+            cfg.vision_width,
+            cfg.vision_heads,
+            cfg.vision_mlp_dim,
+            cfg.vision_layers,
+            eps,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.post_layernorm = nnx.LayerNorm(cfg.vision_width, epsilon=eps, dtype=dtype, rngs=rngs)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         x = self.encoder(self.pre_layrnorm(self.embeddings(images)))
@@ -200,30 +223,41 @@ class CLIPImageTower(nnx.Module):
     """Images ``[B, S, S, C]`` (CLIP-normalised) -> projected embeddings ``[B, P]`` float32."""
 
     def __init__(self, cfg: CLIPConfig, *, rngs: nnx.Rngs):
-        dtype = _DTYPES[cfg.dtype]
+        dtype = DTYPES[cfg.dtype]
         self.cfg = cfg
         self.vision_model = CLIPVisionTransformer(cfg, dtype=dtype, rngs=rngs)
-        self.visual_projection = nnx.Linear(cfg.vision_width, cfg.projection_dim,
-                                            use_bias=False, dtype=dtype, rngs=rngs)
+        self.visual_projection = nnx.Linear(
+            cfg.vision_width, cfg.projection_dim, use_bias=False, dtype=dtype, rngs=rngs
+        )
 
     def __call__(self, images: jax.Array) -> jax.Array:
         cfg = self.cfg
         expected = (cfg.image_size, cfg.image_size, cfg.channels)
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
-            raise ValueError(f"{cfg.name} expects images [B, {', '.join(map(str, expected))}]"
-                             f", got {tuple(images.shape)}")
-        x = self.vision_model(images.astype(_DTYPES[cfg.dtype]))
+            raise ValueError(
+                f"{cfg.name} expects images [B, {', '.join(map(str, expected))}]"
+                f", got {tuple(images.shape)}"
+            )
+        x = self.vision_model(images.astype(DTYPES[cfg.dtype]))
         return self.visual_projection(x).astype(jnp.float32)
 
 
 class CLIPTextEmbeddings(nnx.Module):
     def __init__(self, cfg: CLIPConfig, *, dtype, rngs: nnx.Rngs):
         self.token_embedding = nnx.Embed(
-            cfg.vocab_size, cfg.text_width, dtype=dtype, rngs=rngs,
-            embedding_init=nnx.initializers.normal(stddev=0.02))
+            cfg.vocab_size,
+            cfg.text_width,
+            dtype=dtype,
+            rngs=rngs,
+            embedding_init=nnx.initializers.normal(stddev=0.02),
+        )
         self.position_embedding = nnx.Embed(
-            cfg.context_length, cfg.text_width, dtype=dtype, rngs=rngs,
-            embedding_init=nnx.initializers.normal(stddev=0.01))
+            cfg.context_length,
+            cfg.text_width,
+            dtype=dtype,
+            rngs=rngs,
+            embedding_init=nnx.initializers.normal(stddev=0.01),
+        )
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         x = self.token_embedding(tokens)
@@ -234,10 +268,18 @@ class CLIPTextTransformer(nnx.Module):
     def __init__(self, cfg: CLIPConfig, *, dtype, rngs: nnx.Rngs):
         self.eot_id = cfg.eot_id
         self.embeddings = CLIPTextEmbeddings(cfg, dtype=dtype, rngs=rngs)
-        self.encoder = CLIPEncoder(cfg.text_width, cfg.text_heads, cfg.text_mlp_dim,
-                                   cfg.text_layers, cfg.layer_norm_eps, dtype=dtype, rngs=rngs)
-        self.final_layer_norm = nnx.LayerNorm(cfg.text_width, epsilon=cfg.layer_norm_eps,
-                                              dtype=dtype, rngs=rngs)
+        self.encoder = CLIPEncoder(
+            cfg.text_width,
+            cfg.text_heads,
+            cfg.text_mlp_dim,
+            cfg.text_layers,
+            cfg.layer_norm_eps,
+            dtype=dtype,
+            rngs=rngs,
+        )
+        self.final_layer_norm = nnx.LayerNorm(
+            cfg.text_width, epsilon=cfg.layer_norm_eps, dtype=dtype, rngs=rngs
+        )
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         length = tokens.shape[-1]
@@ -251,17 +293,20 @@ class CLIPTextTower(nnx.Module):
     """Tokens ``int32 [N, L]`` (L <= context_length) -> projected embeddings ``[N, P]``."""
 
     def __init__(self, cfg: CLIPConfig, *, rngs: nnx.Rngs):
-        dtype = _DTYPES[cfg.dtype]
+        dtype = DTYPES[cfg.dtype]
         self.cfg = cfg
         self.text_model = CLIPTextTransformer(cfg, dtype=dtype, rngs=rngs)
-        self.text_projection = nnx.Linear(cfg.text_width, cfg.projection_dim, use_bias=False,
-                                          dtype=dtype, rngs=rngs)
+        self.text_projection = nnx.Linear(
+            cfg.text_width, cfg.projection_dim, use_bias=False, dtype=dtype, rngs=rngs
+        )
         self.logit_scale = nnx.Param(jnp.asarray(cfg.logit_scale_init, jnp.float32))
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         if tokens.ndim != 2 or tokens.shape[-1] > self.cfg.context_length:
-            raise ValueError(f"{self.cfg.name} expects tokens [N, <= "
-                             f"{self.cfg.context_length}], got {tuple(tokens.shape)}")
+            raise ValueError(
+                f"{self.cfg.name} expects tokens [N, <= "
+                f"{self.cfg.context_length}], got {tuple(tokens.shape)}"
+            )
         return self.text_projection(self.text_model(tokens)).astype(jnp.float32)
 
 
@@ -316,8 +361,9 @@ def make_encode_text_fn(cfg: CLIPConfig):
     return encode_text_fn
 
 
-def clip_logits(image_embeds: jax.Array, text_embeds: jax.Array,
-                logit_scale: jax.typing.ArrayLike) -> jax.Array:
+def clip_logits(
+    image_embeds: jax.Array, text_embeds: jax.Array, logit_scale: jax.typing.ArrayLike
+) -> jax.Array:
     """``exp(logit_scale) * cos(image, text)``: ``[B, P] x [N, P] -> [B, N]`` (logits per image)."""
     image = image_embeds / jnp.linalg.norm(image_embeds, axis=-1, keepdims=True)
     text = text_embeds / jnp.linalg.norm(text_embeds, axis=-1, keepdims=True)

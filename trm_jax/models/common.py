@@ -69,8 +69,10 @@ def to_param_keys(tree: PyTree) -> PyTree:
 def to_state_keys(tree: PyTree) -> PyTree:
     """Inverse of ``to_param_keys``: all-digit ``str`` keys back to ``int`` for ``nnx.merge``."""
     if isinstance(tree, Mapping):
-        return {(int(k) if isinstance(k, str) and k.isdigit() else k): to_state_keys(v)
-                for k, v in tree.items()}
+        return {
+            (int(k) if isinstance(k, str) and k.isdigit() else k): to_state_keys(v)
+            for k, v in tree.items()
+        }
     return tree
 
 

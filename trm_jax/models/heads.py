@@ -29,8 +29,11 @@ def l2_normalize(x: jax.typing.ArrayLike, axis: int = -1, eps: float = 1e-12) ->
     return x / jnp.maximum(jnp.linalg.norm(x, axis=axis, keepdims=True), eps)
 
 
-def prototype_rows(features: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
-                   classes: Sequence[int] | jax.typing.ArrayLike) -> jax.Array:
+def prototype_rows(
+    features: jax.typing.ArrayLike,
+    labels: jax.typing.ArrayLike,
+    classes: Sequence[int] | jax.typing.ArrayLike,
+) -> jax.Array:
     """Rows ``[len(classes), D]``: per class, the mean of the L2-normalised features of its
     examples, normalised again (so each row is a unit-length class direction).
 
@@ -42,8 +45,10 @@ def prototype_rows(features: jax.typing.ArrayLike, labels: jax.typing.ArrayLike,
     onehot = jnp.asarray(np.asarray(labels)[:, None] == classes[None, :], jnp.float32)
     counts = np.asarray(onehot.sum(0))
     if np.any(counts == 0):
-        raise DataError(f"prototype head: classes {classes[counts == 0].tolist()[:10]} have no "
-                        "examples in the data given")
+        raise DataError(
+            f"prototype head: classes {classes[counts == 0].tolist()[:10]} have no "
+            "examples in the data given"
+        )
     sums = onehot.T @ l2_normalize(features)
     return l2_normalize(sums / counts[:, None])
 
@@ -56,8 +61,10 @@ def cosine_logits(features: jax.Array, rows: jax.Array, scale: float) -> jax.Arr
 def linear_init(num_classes: int, feature_dim: int) -> dict[str, jax.Array]:
     """A zero-initialised linear head ``{'w': [C, D], 'b': [C]}`` (big_vision's head init:
     fine-tuning starts from uniform predictions)."""
-    return {"w": jnp.zeros((num_classes, feature_dim), jnp.float32),
-            "b": jnp.zeros((num_classes,), jnp.float32)}
+    return {
+        "w": jnp.zeros((num_classes, feature_dim), jnp.float32),
+        "b": jnp.zeros((num_classes,), jnp.float32),
+    }
 
 
 def linear_logits(features: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
@@ -74,8 +81,14 @@ def cosine_apply_fn(features_fn: Callable, rows: jax.Array, scale: float) -> Cal
     return apply_fn
 
 
-def zeroshot_rows(backbone: Backbone, class_names: Sequence[str], templates: Sequence[str],
-                  tokenizer, *, batch_size: int = 256) -> jax.Array:
+def zeroshot_rows(
+    backbone: Backbone,
+    class_names: Sequence[str],
+    templates: Sequence[str],
+    tokenizer,
+    *,
+    batch_size: int = 256,
+) -> jax.Array:
     """Zero-shot rows ``[C, D]`` from the CLIP text tower.
 
     For each class: fill every template (``'a photo of a {}.'``) with the class name
@@ -83,31 +96,39 @@ def zeroshot_rows(backbone: Backbone, class_names: Sequence[str], templates: Seq
     average over templates, L2-normalise again.
     """
     if backbone.encode_text_fn is None:
-        raise CheckpointError(f"backbone {backbone.name!r} has no text tower: a zero-shot head "
-                              "needs a CLIP model (or a precomputed rows .npy)")
+        raise CheckpointError(
+            f"backbone {backbone.name!r} has no text tower: a zero-shot head "
+            "needs a CLIP model (or a precomputed rows .npy)"
+        )
     if not templates or not all("{}" in t for t in templates):
-        raise ConfigError(f"every zero-shot template needs a '{{}}' for the class name: "
-                          f"{templates}")
+        raise ConfigError(
+            f"every zero-shot template needs a '{{}}' for the class name: {templates}"
+        )
     variant = backbone.variant
     if (tokenizer.vocab_size, tokenizer.eot_token_id) != (variant.vocab_size, variant.eot_id):
         raise CheckpointError(
             f"tokenizer vocab ({tokenizer.vocab_size} ids, end-of-text {tokenizer.eot_token_id}) "
             f"does not fit {variant.name!r} ({variant.vocab_size} ids, end-of-text "
-            f"{variant.eot_id})")
+            f"{variant.eot_id})"
+        )
     texts = [t.format(name.replace("_", " ")) for name in class_names for t in templates]
     tokens = tokenizer(texts, context_length=variant.context_length)
     encode = jax.jit(backbone.encode_text_fn)
     batch_size = min(batch_size, len(tokens))
     padded = np.concatenate([tokens, np.repeat(tokens[:1], -len(tokens) % batch_size, axis=0)])
-    embeds = jnp.concatenate([  # equal batches: one compilation
-        l2_normalize(encode(backbone.text_params, padded[i:i + batch_size]))
-        for i in range(0, len(padded), batch_size)])[: len(tokens)]
+    embeds = jnp.concatenate(
+        [  # equal batches: one compilation
+            l2_normalize(encode(backbone.text_params, padded[i : i + batch_size]))
+            for i in range(0, len(padded), batch_size)
+        ]
+    )[: len(tokens)]
     rows = embeds.reshape(len(class_names), len(templates), -1).mean(axis=1)
     return l2_normalize(rows)
 
 
-def load_rows(npy_path: str, *, num_classes: int | None = None,
-              feature_dim: int | None = None) -> jax.Array:
+def load_rows(
+    npy_path: str, *, num_classes: int | None = None, feature_dim: int | None = None
+) -> jax.Array:
     """Precomputed head rows ``[C, D]`` from a ``.npy`` file, checked against the expected
     class count and feature width when given (``CheckpointError`` otherwise)."""
     if not os.path.isfile(npy_path):
@@ -116,12 +137,17 @@ def load_rows(npy_path: str, *, num_classes: int | None = None,
         rows = np.load(npy_path, allow_pickle=False)
     except (OSError, ValueError) as err:
         raise CheckpointError(f"cannot read head rows {npy_path}: {err}") from None
-    ok = (rows.ndim == 2 and np.issubdtype(rows.dtype, np.floating)
-          and num_classes in (None, rows.shape[0]) and feature_dim in (None, rows.shape[1]))
+    ok = (
+        rows.ndim == 2
+        and np.issubdtype(rows.dtype, np.floating)
+        and num_classes in (None, rows.shape[0])
+        and feature_dim in (None, rows.shape[1])
+    )
     if not ok:
         raise CheckpointError(
             f"head rows {npy_path} have shape {rows.shape} dtype {rows.dtype}; expected float "
-            f"[{num_classes or 'C'}, {feature_dim or 'D'}]")
+            f"[{num_classes or 'C'}, {feature_dim or 'D'}]"
+        )
     return jnp.asarray(rows, jnp.float32)
 
 

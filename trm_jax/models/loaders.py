@@ -85,14 +85,19 @@ def load_vit_npz(path: str, variant: vit.ViTConfig) -> common.PyTree:
     """
     arrays = read_npz(path)
     if _OPT_PREFIX + "embedding/kernel" in arrays:
-        arrays = {k[len(_OPT_PREFIX):]: v for k, v in arrays.items() if k.startswith(_OPT_PREFIX)}
+        arrays = {k[len(_OPT_PREFIX) :]: v for k, v in arrays.items() if k.startswith(_OPT_PREFIX)}
     arrays = {k: v for k, v in arrays.items() if k not in NPZ_HEAD_KEYS}
     expected = _shapes(common.flatten(vit.param_shapes(variant)))
     found = _shapes(arrays)
     posemb = found.get(_NPZ_POSEMB)
     resample = (
-        posemb is not None and len(posemb) == 3 and posemb[0] == 1 and posemb[2] == variant.width
-        and _square_grid(posemb[1]) is not None and posemb != expected[_NPZ_POSEMB])
+        posemb is not None
+        and len(posemb) == 3
+        and posemb[0] == 1
+        and posemb[2] == variant.width
+        and _square_grid(posemb[1]) is not None
+        and posemb != expected[_NPZ_POSEMB]
+    )
     if resample:
         found[_NPZ_POSEMB] = expected[_NPZ_POSEMB]
     hints = []
@@ -100,19 +105,27 @@ def load_vit_npz(path: str, variant: vit.ViTConfig) -> common.PyTree:
         hints.append("the file has a pre_logits layer: set representation_size to its width")
     emb = found.get("embedding/kernel")
     if emb is not None and len(emb) == 4 and emb[2] != variant.channels:
-        hints.append(f"the file's patch embedding takes {emb[2]} input channels, the variant "
-                     f"{variant.channels}: set channels={emb[2]}")
-    common.check_keys(expected, found, source=path,
-                      target=f"ViT variant {variant.name!r} ({variant.image_size} px)",
-                      hint="; ".join(hints))
+        hints.append(
+            f"the file's patch embedding takes {emb[2]} input channels, the variant "
+            f"{variant.channels}: set channels={emb[2]}"
+        )
+    common.check_keys(
+        expected,
+        found,
+        source=path,
+        target=f"ViT variant {variant.name!r} ({variant.image_size} px)",
+        hint="; ".join(hints),
+    )
     if resample:
         arrays[_NPZ_POSEMB] = np.asarray(
-            common.resample_posemb(arrays[_NPZ_POSEMB].astype(np.float32), variant.grid))
+            common.resample_posemb(arrays[_NPZ_POSEMB].astype(np.float32), variant.grid)
+        )
     return _to_jax({k: arrays[k] for k in expected})
 
 
-def save_vit_npz(path: str, params: common.PyTree, *,
-                 head: Mapping[str, jax.typing.ArrayLike] | None = None) -> None:
+def save_vit_npz(
+    path: str, params: common.PyTree, *, head: Mapping[str, jax.typing.ArrayLike] | None = None
+) -> None:
     """Write ViT ``params`` as an ``.npz`` in the published naming (``a/b/c`` keys).
 
     ``head`` (``{'kernel': [D, K], 'bias': [K]}``) is written as ``head/kernel``,
@@ -185,21 +198,26 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
 
 
 def _count_layers(keys, prefix: str) -> int:
-    return len({k[len(prefix):].split(".")[0] for k in keys if k.startswith(prefix)})
+    return len({k[len(prefix) :].split(".")[0] for k in keys if k.startswith(prefix)})
 
 
-def clip_variant_from_tensors(tensors: Mapping[str, Any], *, name: str = "clip",
-                              head_dim: int = 64) -> clip.CLIPConfig:
+def clip_variant_from_tensors(
+    tensors: Mapping[str, Any], *, name: str = "clip", head_dim: int = 64
+) -> clip.CLIPConfig:
     """Infer a ``CLIPConfig`` from HF CLIP tensor shapes.
 
     Head counts cannot be read from shapes; they are ``width // head_dim`` (64 for every
     OpenAI CLIP). Pass an explicit variant (``clip_variant_from_hf_config``) otherwise.
     """
-    needed = ["vision_model.embeddings.patch_embedding.weight", _HF_VISION_POSEMB,
-              "vision_model.encoder.layers.0.mlp.fc1.weight", "visual_projection.weight",
-              "text_model.embeddings.token_embedding.weight",
-              "text_model.embeddings.position_embedding.weight",
-              "text_model.encoder.layers.0.mlp.fc1.weight"]
+    needed = [
+        "vision_model.embeddings.patch_embedding.weight",
+        _HF_VISION_POSEMB,
+        "vision_model.encoder.layers.0.mlp.fc1.weight",
+        "visual_projection.weight",
+        "text_model.embeddings.token_embedding.weight",
+        "text_model.embeddings.position_embedding.weight",
+        "text_model.encoder.layers.0.mlp.fc1.weight",
+    ]
     absent = [k for k in needed if k not in tensors]
     if absent:
         raise CheckpointError(f"not a Hugging Face CLIPModel checkpoint: missing {absent}")
@@ -207,22 +225,33 @@ def clip_variant_from_tensors(tensors: Mapping[str, Any], *, name: str = "clip",
     width, channels, patch, _ = shape(needed[0])
     grid = _square_grid(shape(_HF_VISION_POSEMB)[0])
     if grid is None:
-        raise CheckpointError(f"{_HF_VISION_POSEMB} has {shape(_HF_VISION_POSEMB)[0]} rows: "
-                              "not a class row plus a square patch grid")
+        raise CheckpointError(
+            f"{_HF_VISION_POSEMB} has {shape(_HF_VISION_POSEMB)[0]} rows: "
+            "not a class row plus a square patch grid"
+        )
     vocab, text_width = shape(needed[4])
     return clip.CLIPConfig(
-        name=name, image_size=grid * patch, patch_size=patch, channels=channels,
-        vision_width=width, vision_heads=max(width // head_dim, 1),
+        name=name,
+        image_size=grid * patch,
+        patch_size=patch,
+        channels=channels,
+        vision_width=width,
+        vision_heads=max(width // head_dim, 1),
         vision_layers=_count_layers(tensors, "vision_model.encoder.layers."),
         vision_mlp_dim=shape(needed[2])[0],
-        text_width=text_width, text_heads=max(text_width // head_dim, 1),
+        text_width=text_width,
+        text_heads=max(text_width // head_dim, 1),
         text_layers=_count_layers(tensors, "text_model.encoder.layers."),
-        text_mlp_dim=shape(needed[6])[0], vocab_size=vocab,
-        context_length=shape(needed[5])[0], projection_dim=shape(needed[3])[0])
+        text_mlp_dim=shape(needed[6])[0],
+        vocab_size=vocab,
+        context_length=shape(needed[5])[0],
+        projection_dim=shape(needed[3])[0],
+    )
 
 
-def clip_variant_from_hf_config(config: Mapping[str, Any], *, name: str = "clip",
-                                image_size: int | None = None) -> clip.CLIPConfig:
+def clip_variant_from_hf_config(
+    config: Mapping[str, Any], *, name: str = "clip", image_size: int | None = None
+) -> clip.CLIPConfig:
     """``CLIPConfig`` from a transformers ``config.json`` dict (the file next to the weights).
 
     Raises ``CheckpointError`` for activations other than ``quick_gelu``.
@@ -231,22 +260,32 @@ def clip_variant_from_hf_config(config: Mapping[str, Any], *, name: str = "clip"
     for tower in (vision, text):
         act = tower.get("hidden_act", "quick_gelu")
         if act != "quick_gelu":
-            raise CheckpointError(f"CLIP config uses hidden_act={act!r}; only quick_gelu "
-                                  "(OpenAI CLIP) is implemented")
+            raise CheckpointError(
+                f"CLIP config uses hidden_act={act!r}; only quick_gelu (OpenAI CLIP) is implemented"
+            )
     eos = text.get("eos_token_id", 2)
     if eos == 2:  # the legacy config value; transformers then pools at argmax(ids) = last id
         eos = -1
     return clip.CLIPConfig(
-        name=name, image_size=image_size or vision["image_size"],
-        patch_size=vision["patch_size"], channels=vision.get("num_channels", 3),
-        vision_width=vision["hidden_size"], vision_layers=vision["num_hidden_layers"],
-        vision_heads=vision["num_attention_heads"], vision_mlp_dim=vision["intermediate_size"],
-        text_width=text["hidden_size"], text_layers=text["num_hidden_layers"],
-        text_heads=text["num_attention_heads"], text_mlp_dim=text["intermediate_size"],
-        vocab_size=text["vocab_size"], context_length=text["max_position_embeddings"],
-        projection_dim=config["projection_dim"], eot_token_id=eos,
+        name=name,
+        image_size=image_size or vision["image_size"],
+        patch_size=vision["patch_size"],
+        channels=vision.get("num_channels", 3),
+        vision_width=vision["hidden_size"],
+        vision_layers=vision["num_hidden_layers"],
+        vision_heads=vision["num_attention_heads"],
+        vision_mlp_dim=vision["intermediate_size"],
+        text_width=text["hidden_size"],
+        text_layers=text["num_hidden_layers"],
+        text_heads=text["num_attention_heads"],
+        text_mlp_dim=text["intermediate_size"],
+        vocab_size=text["vocab_size"],
+        context_length=text["max_position_embeddings"],
+        projection_dim=config["projection_dim"],
+        eot_token_id=eos,
         layer_norm_eps=vision.get("layer_norm_eps", 1e-5),
-        logit_scale_init=config.get("logit_scale_init_value", clip.CLIPConfig.logit_scale_init))
+        logit_scale_init=config.get("logit_scale_init_value", clip.CLIPConfig.logit_scale_init),
+    )
 
 
 def load_clip_safetensors(path: str, variant: clip.CLIPConfig | None = None) -> ClipWeights:
@@ -268,12 +307,20 @@ def load_clip_safetensors(path: str, variant: clip.CLIPConfig | None = None) -> 
     found = _shapes(tensors)
     posemb = found.get(_HF_VISION_POSEMB)
     resample = (
-        posemb is not None and len(posemb) == 2 and posemb[1] == variant.vision_width
-        and _square_grid(posemb[0]) is not None and posemb != expected[_HF_VISION_POSEMB])
+        posemb is not None
+        and len(posemb) == 2
+        and posemb[1] == variant.vision_width
+        and _square_grid(posemb[0]) is not None
+        and posemb != expected[_HF_VISION_POSEMB]
+    )
     if resample:
         found[_HF_VISION_POSEMB] = expected[_HF_VISION_POSEMB]
-    common.check_keys(expected, found, source=path,
-                      target=f"CLIP variant {variant.name!r} ({variant.image_size} px)")
+    common.check_keys(
+        expected,
+        found,
+        source=path,
+        target=f"CLIP variant {variant.name!r} ({variant.image_size} px)",
+    )
     flat = {}
     for hf_key, our_key in by_hf.items():
         value = np.asarray(tensors[hf_key], np.float32)
@@ -291,15 +338,21 @@ def save_clip_safetensors(path: str, params: common.PyTree, text_params: common.
     from safetensors.numpy import save_file
 
     flat = {**common.flatten(params), **common.flatten(text_params)}
-    save_file({_hf_name(k): np.array(_to_hf(k, np.asarray(v, np.float32)), order="C")
-               for k, v in flat.items()}, path)
+    save_file(
+        {
+            _hf_name(k): np.array(_to_hf(k, np.asarray(v, np.float32)), order="C")
+            for k, v in flat.items()
+        },
+        path,
+    )
 
 
 # ------------------------------------------------------------------------ offline tests
 
 
-def create_checkpoint(variant: vit.ViTConfig | clip.CLIPConfig, path: str, *, seed: int = 0,
-                      num_classes: int = 0):
+def create_checkpoint(
+    variant: vit.ViTConfig | clip.CLIPConfig, path: str, *, seed: int = 0, num_classes: int = 0
+):
     """Write a random checkpoint of ``variant`` in its published format (for offline tests).
 
     ViT: an ``.npz`` with the vision_transformer names, plus a ``head`` of
@@ -312,9 +365,11 @@ def create_checkpoint(variant: vit.ViTConfig | clip.CLIPConfig, path: str, *, se
         params = vit.init_params(variant, key)
         head = None
         if num_classes:
-            head = {"kernel": 0.01 * jax.random.normal(jax.random.fold_in(key, 1),
-                                                       (variant.feature_dim, num_classes)),
-                    "bias": jnp.zeros((num_classes,))}
+            head = {
+                "kernel": 0.01
+                * jax.random.normal(jax.random.fold_in(key, 1), (variant.feature_dim, num_classes)),
+                "bias": jnp.zeros((num_classes,)),
+            }
         save_vit_npz(path, params, head=head)
         return params
     params, text_params = clip.init_params(variant, key)

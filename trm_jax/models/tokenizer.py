@@ -38,8 +38,11 @@ _PATTERN = regex.compile(
 @functools.cache
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable-character table (printable bytes first)."""
-    bs = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-          + list(range(ord("®"), ord("ÿ") + 1)))
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
     cs = bs[:]
     n = 0
     for b in range(256):
@@ -86,12 +89,12 @@ class ClipTokenizer:
     end-of-text (open_clip's behaviour). ``.gz`` files are decompressed; plain text works too.
     """
 
-    def __init__(self, vocab_path: str, *, context_length: int = 77,
-                 max_merges: int = MAX_MERGES):
+    def __init__(self, vocab_path: str, *, context_length: int = 77, max_merges: int = MAX_MERGES):
         if not os.path.isfile(vocab_path):
             raise CheckpointError(
                 f"CLIP tokenizer vocab not found: {vocab_path} (it is open_clip's "
-                "bpe_simple_vocab_16e6.txt.gz, shipped with the open_clip and CLIP packages)")
+                "bpe_simple_vocab_16e6.txt.gz, shipped with the open_clip and CLIP packages)"
+            )
         opener = gzip.open if vocab_path.endswith(".gz") else open
         try:
             with opener(vocab_path, "rt", encoding="utf-8") as f:
@@ -103,7 +106,8 @@ class ClipTokenizer:
         if bad or not lines[0].startswith("#"):
             raise CheckpointError(
                 f"{vocab_path} is not a CLIP BPE merges file (a '#version' header, then one "
-                f"'a b' merge per line); offending lines: {bad[:3] or lines[:1]}")
+                f"'a b' merge per line); offending lines: {bad[:3] or lines[:1]}"
+            )
         symbols = list(bytes_to_unicode().values())
         vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
         vocab += [SOT, EOT]

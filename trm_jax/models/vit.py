@@ -31,8 +31,7 @@ from flax import nnx
 
 from trm_jax.errors import ConfigError
 from trm_jax.models import common
-
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from trm_jax.tree_util import DTYPES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,8 +60,7 @@ class ViTConfig:
 
     def __post_init__(self):
         problems = []
-        for field in ("width", "depth", "heads", "mlp_dim", "patch_size", "image_size",
-                      "channels"):
+        for field in ("width", "depth", "heads", "mlp_dim", "patch_size", "image_size", "channels"):
             if getattr(self, field) <= 0:
                 problems.append(f"{field}={getattr(self, field)} must be positive")
         if not problems:
@@ -71,9 +69,10 @@ class ViTConfig:
             if self.image_size % self.patch_size:
                 problems.append(
                     f"image_size {self.image_size} is not a multiple of patch_size "
-                    f"{self.patch_size}")
-        if self.dtype not in _DTYPES:
-            problems.append(f"dtype {self.dtype!r} not in {sorted(_DTYPES)}")
+                    f"{self.patch_size}"
+                )
+        if self.dtype not in DTYPES:
+            problems.append(f"dtype {self.dtype!r} not in {sorted(DTYPES)}")
         if problems:
             raise ConfigError(f"ViT variant {self.name!r}: " + "; ".join(problems))
 
@@ -92,8 +91,9 @@ class ViTConfig:
         return self.representation_size or self.width
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array,
-                          mask: jax.Array | None = None) -> jax.Array:
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
     """Softmax attention over ``[B, L, H, d]`` inputs; logits and softmax in float32.
 
     ``mask`` (broadcastable to ``[B, H, Lq, Lk]``, True = attend) is optional. Written
@@ -112,8 +112,9 @@ class MultiHeadDotProductAttention(nnx.Module):
 
     def __init__(self, width: int, heads: int, *, dtype, rngs: nnx.Rngs):
         head_dim = width // heads
-        dense = functools.partial(nnx.LinearGeneral, dtype=dtype, rngs=rngs,
-                                  kernel_init=nnx.initializers.lecun_normal())
+        dense = functools.partial(
+            nnx.LinearGeneral, dtype=dtype, rngs=rngs, kernel_init=nnx.initializers.lecun_normal()
+        )
         self.query = dense(width, (heads, head_dim))
         self.key = dense(width, (heads, head_dim))
         self.value = dense(width, (heads, head_dim))
@@ -128,9 +129,12 @@ class MlpBlock(nnx.Module):
 
     def __init__(self, width: int, mlp_dim: int, *, dtype, rngs: nnx.Rngs):
         dense = functools.partial(
-            nnx.Linear, dtype=dtype, rngs=rngs,
+            nnx.Linear,
+            dtype=dtype,
+            rngs=rngs,
             kernel_init=nnx.initializers.xavier_uniform(),
-            bias_init=nnx.initializers.normal(stddev=1e-6))
+            bias_init=nnx.initializers.normal(stddev=1e-6),
+        )
         self.Dense_0 = dense(width, mlp_dim)
         self.Dense_1 = dense(mlp_dim, width)
 
@@ -142,10 +146,11 @@ class Encoder1DBlock(nnx.Module):
     """Pre-LayerNorm transformer block: ``x + MHA(LN(x))``, then ``x + MLP(LN(x))``."""
 
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
-        dtype = _DTYPES[cfg.dtype]
+        dtype = DTYPES[cfg.dtype]
         self.LayerNorm_0 = nnx.LayerNorm(cfg.width, epsilon=1e-6, dtype=dtype, rngs=rngs)
         self.MultiHeadDotProductAttention_1 = MultiHeadDotProductAttention(
-            cfg.width, cfg.heads, dtype=dtype, rngs=rngs)
+            cfg.width, cfg.heads, dtype=dtype, rngs=rngs
+        )
         self.LayerNorm_2 = nnx.LayerNorm(cfg.width, epsilon=1e-6, dtype=dtype, rngs=rngs)
         self.MlpBlock_3 = MlpBlock(cfg.width, cfg.mlp_dim, dtype=dtype, rngs=rngs)
 
@@ -159,7 +164,8 @@ class AddPositionEmbs(nnx.Module):
 
     def __init__(self, tokens: int, width: int, *, rngs: nnx.Rngs):
         self.pos_embedding = nnx.Param(
-            nnx.initializers.normal(stddev=0.02)(rngs.params(), (1, tokens, width)))
+            nnx.initializers.normal(stddev=0.02)(rngs.params(), (1, tokens, width))
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return x + self.pos_embedding[...].astype(x.dtype)
@@ -174,7 +180,8 @@ class Encoder(nnx.Module):
         for i in range(cfg.depth):
             setattr(self, f"encoderblock_{i}", Encoder1DBlock(cfg, rngs=rngs))
         self.encoder_norm = nnx.LayerNorm(
-            cfg.width, epsilon=1e-6, dtype=_DTYPES[cfg.dtype], rngs=rngs)
+            cfg.width, epsilon=1e-6, dtype=DTYPES[cfg.dtype], rngs=rngs
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x = self.posembed_input(x)
@@ -187,17 +194,23 @@ class VisionTransformer(nnx.Module):
     """ViT image tower: ``[B, S, S, C]`` images -> ``[B, feature_dim]`` float32 features."""
 
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
-        dtype = _DTYPES[cfg.dtype]
+        dtype = DTYPES[cfg.dtype]
         self.cfg = cfg
         p = cfg.patch_size
         self.embedding = nnx.Conv(
-            cfg.channels, cfg.width, kernel_size=(p, p), strides=(p, p), padding="VALID",
-            kernel_init=nnx.initializers.lecun_normal(), dtype=dtype, rngs=rngs)
+            cfg.channels,
+            cfg.width,
+            kernel_size=(p, p),
+            strides=(p, p),
+            padding="VALID",
+            kernel_init=nnx.initializers.lecun_normal(),
+            dtype=dtype,
+            rngs=rngs,
+        )
         self.cls = nnx.Param(jnp.zeros((1, 1, cfg.width), jnp.float32))
         self.Transformer = Encoder(cfg, rngs=rngs)
         if cfg.representation_size:
-            self.pre_logits = nnx.Linear(cfg.width, cfg.representation_size, dtype=dtype,
-                                         rngs=rngs)
+            self.pre_logits = nnx.Linear(cfg.width, cfg.representation_size, dtype=dtype, rngs=rngs)
 
     def __call__(self, images: jax.Array) -> jax.Array:
         cfg = self.cfg
@@ -205,8 +218,9 @@ class VisionTransformer(nnx.Module):
         if images.ndim != 4 or tuple(images.shape[1:]) != expected:
             raise ValueError(
                 f"{cfg.name} expects images [B, {', '.join(map(str, expected))}], "
-                f"got {tuple(images.shape)}")
-        x = self.embedding(images.astype(_DTYPES[cfg.dtype]))
+                f"got {tuple(images.shape)}"
+            )
+        x = self.embedding(images.astype(DTYPES[cfg.dtype]))
         x = x.reshape(x.shape[0], -1, cfg.width)
         cls = jnp.broadcast_to(self.cls[...].astype(x.dtype), (x.shape[0], 1, cfg.width))
         x = self.Transformer(jnp.concatenate([cls, x], axis=1))

@@ -12,7 +12,7 @@ import pytest
 
 from trm_jax import merging
 from trm_jax.errors import ConfigError
-from trm_jax.merging import baselines, running
+from trm_jax.merging import rules, running
 
 RTOL = ATOL = 2e-6  # float32 sums of <= 5 terms of O(1) values
 # Five leaves but three distinct shapes: leaf rules compile once per shape, keeping tests fast.
@@ -185,9 +185,9 @@ def test_ties_thresholds_are_exact():
     flat = np.sort(np.abs(np.concatenate([np.asarray(x).ravel() for x in leaves])))[::-1]
     tvs = [{"a": leaves[0], "b": leaves[1], "c": leaves[2]}]
     for rank in [1, 2, 5, 100, 250, 306, 506, flat.size]:
-        bits = np.asarray(baselines.ties_thresholds(tvs, np.array([rank])), np.int32)
+        bits = np.asarray(rules.ties_thresholds(tvs, np.array([rank])), np.int32)
         np.testing.assert_array_equal(bits.view(np.float32), [flat[rank - 1]], err_msg=str(rank))
-    assert int(baselines.ties_thresholds(tvs, np.array([0]))[0]) == 0x7FFFFFFF  # keep nothing
+    assert int(rules.ties_thresholds(tvs, np.array([0]))[0]) == 0x7FFFFFFF  # keep nothing
 
 
 def test_bfloat16_leaves_keep_dtype():
@@ -310,7 +310,7 @@ def test_randmix_index_equals_64bit_mulhi():
     bits = rng.integers(0, 2**32, 5000, dtype=np.uint64)
     bits[:3] = [0, 2**32 - 1, 2**31]
     for t in [1, 2, 3, 10, 255, 1000, 65535]:
-        got = np.asarray(baselines.randmix_index(jnp.asarray(bits, jnp.uint32), t))
+        got = np.asarray(rules.randmix_index(jnp.asarray(bits, jnp.uint32), t))
         np.testing.assert_array_equal(got, (bits * np.uint64(t)) >> np.uint64(32))
 
 

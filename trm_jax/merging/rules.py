@@ -42,16 +42,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from trm_jax.errors import ConfigError
-from trm_jax.merging.task_vectors import (
-    NonFiniteError,
-    check_finite,
-    check_like,
-    is_traced,
-    leaf_names,
-    tree_size,
-)
-
-PyTree = Any
+from trm_jax.merging.task_vectors import NonFiniteError, check_finite, check_like
+from trm_jax.tree_util import PyTree, f32, is_traced, leaf_names, tree_size
 
 # ----------------------------------------------------------------------------- helpers
 
@@ -120,27 +112,22 @@ def _check_range(rule: str, name: str, value: Any, lo: float, hi: float, hi_open
         raise ConfigError(f"{rule}: {name}={v} is outside [{lo}, {hi}{bracket}")
 
 
-def _f32(x: jax.Array) -> jax.Array:
-    """Compute in at least float32 (bf16 parameters are accumulated in float32)."""
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
-
-
 def _fold_sum(xs: Sequence[jax.Array]) -> jax.Array:
     """Left-to-right sum in float32: the order the running forms use, so both agree."""
-    total = _f32(xs[0])
+    total = f32(xs[0])
     for x in xs[1:]:
-        total = total + _f32(x)
+        total = total + f32(x)
     return total
 
 
 def _poison(xs: Sequence[jax.Array]) -> jax.Array:
     """``sum_i 0 * x_i``: exactly zero for finite inputs, NaN if any input is NaN/Inf."""
-    return _fold_sum([_f32(x) * 0.0 for x in xs])
+    return _fold_sum([f32(x) * 0.0 for x in xs])
 
 
 def _out(base_leaf: jax.Array, delta: jax.Array) -> tuple[jax.Array, jax.Array]:
     """The merged leaf in the base dtype, and whether all of it is finite."""
-    out = (_f32(base_leaf) + delta).astype(base_leaf.dtype)
+    out = (f32(base_leaf) + delta).astype(base_leaf.dtype)
     return out, jnp.all(jnp.isfinite(out))
 
 
@@ -179,10 +166,10 @@ def task_arithmetic(
 def _magmax_leaf(b: jax.Array, ts: tuple[jax.Array, ...], lam: jax.Array):
     # maxmag_leaves, with |best| tracked by a NaN-propagating maximum: it equals the
     # select for numbers, and 0 * max_i |t_i| is then the poison term at no extra cost.
-    best, best_abs = _f32(ts[0]), jnp.abs(_f32(ts[0]))
+    best, best_abs = f32(ts[0]), jnp.abs(f32(ts[0]))
     for t in ts[1:]:
-        t_abs = jnp.abs(_f32(t))
-        best = jnp.where(t_abs > best_abs, _f32(t), best)
+        t_abs = jnp.abs(f32(t))
+        best = jnp.where(t_abs > best_abs, f32(t), best)
         best_abs = jnp.maximum(best_abs, t_abs)
     return _out(b, lam * best + best_abs * 0.0)
 
@@ -269,7 +256,7 @@ def _ties_leaf(
     b: jax.Array, ts: tuple[jax.Array, ...], thresholds: jax.Array, lam: jax.Array
 ) -> tuple[jax.Array, jax.Array]:
     trimmed = [
-        jnp.where(_magnitude_bits(t) >= thresholds[i], _f32(t), 0.0) for i, t in enumerate(ts)
+        jnp.where(_magnitude_bits(t) >= thresholds[i], f32(t), 0.0) for i, t in enumerate(ts)
     ]
     elected = jnp.sign(_fold_sum(trimmed))  # sign of the summed mass; 0 keeps nothing
     agree = [x * elected > 0 for x in trimmed]  # non-zero and of the elected sign
@@ -354,7 +341,7 @@ def _dare_leaf(b, ts, seeds, p, lam, j):
     # Rescale by the probability actually used (p rounded to 2^-24): E[merge] = arithmetic.
     scale = 2.0**24 / (2.0**24 - cut.astype(jnp.float32))
     kept = [
-        jnp.where((element_bits(seeds[i, j], t.shape) >> 8) >= cut, _f32(t), 0.0)
+        jnp.where((element_bits(seeds[i, j], t.shape) >> 8) >= cut, f32(t), 0.0)
         for i, t in enumerate(ts)
     ]
     return _out(b, lam * (scale * _fold_sum(kept)) + _poison(ts))
@@ -394,7 +381,7 @@ def randmix_index(bits: jax.Array, num_tasks: int) -> jax.Array:
 
 @jax.jit
 def _randmix_leaf(b, ts, seeds, lam, j):
-    cases = [_f32(t) for t in ts]
+    cases = [f32(t) for t in ts]
     pick = randmix_index(element_bits(seeds[j], b.shape), len(ts))
     chosen = jax.lax.select_n(pick, *cases) if len(ts) > 1 else cases[0]
     return _out(b, lam * chosen + _poison(ts))
