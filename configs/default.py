@@ -14,17 +14,12 @@ The sizes and learning rates were chosen by measurement on the validation split
 (README, "Embedded default").
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import common  # noqa: E402
+from trm_jax.runner import config as base
 
 
 def get_config(arg=None):
     del arg
-    c = common.get_config()
+    c = base.get_config()
     c.seed = 0
     # Stream: 5 tasks x 2 classes of Fashion-MNIST.
     c.data.source = "idx"

@@ -1,24 +1,40 @@
-"""Shared settings of the paper benchmarks (CLIP ViT-B/16, MagMax's hyper-parameters).
+r"""The paper benchmarks: CLIP ViT-B/16 with MagMax's hyper-parameters, one parameterised
+config (``--config configs/paper.py:<benchmark>,<tasks>``).
 
-Not a runnable config by itself: ``cifar100_10.py`` and friends call ``get_paper_config``.
+    python -m trm_jax.main --config configs/paper.py:cifar100,10 --workdir runs/cifar100_10
+    python -m trm_jax.main --config configs/paper.py:cifar100,10 --workdir runs/c10_magmax \
+        --config.merge.method=magmax --config.merge.chain=finetuned
+
+Benchmarks (MagMax's epochs per task): ``cifar100`` (10), ``imagenet_r`` (10),
+``cub200`` (30), ``cars196`` (30); any task count the class count allows. A third field
+overrides the epochs: ``configs/paper.py:cifar100,20,5``.
+
 Weights: OpenAI CLIP ViT-B/16 as a Hugging Face ``model.safetensors`` plus the CLIP BPE
 vocabulary, found under ``$TRM_JAX_WEIGHTS`` (default ``~/.cache/trm_jax/weights``):
 ``clip_vit_b16/model.safetensors`` and ``bpe_simple_vocab_16e6.txt.gz``. Data: TFDS
-(``data.data_dir``; ``--config.data.download=True`` lets TFDS fetch what it can).
+(``data.data_dir``; ``--config.data.download=True`` lets TFDS fetch what it can). Where
+they are absent the run stops with one line saying what is missing and how to get it.
 """
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import common  # noqa: E402
+from trm_jax.errors import ConfigError
+from trm_jax.runner import config as base
 
 WEIGHTS = os.environ.get("TRM_JAX_WEIGHTS", "~/.cache/trm_jax/weights")
+EPOCHS = {"cifar100": 10, "imagenet_r": 10, "cub200": 30, "cars196": 30}
 
 
-def get_paper_config(name: str, num_tasks: int, epochs: int):
-    c = common.get_config()
+def get_config(arg: str = "cifar100,10"):
+    parts = [p.strip() for p in (arg or "cifar100,10").split(",")]
+    if len(parts) not in (2, 3) or parts[0] not in EPOCHS:
+        raise ConfigError(
+            f"configs/paper.py takes '<benchmark>,<tasks>[,<epochs>]' with a benchmark in "
+            f"{sorted(EPOCHS)}; got {arg!r}"
+        )
+    name, num_tasks = parts[0], int(parts[1])
+    epochs = int(parts[2]) if len(parts) == 3 else EPOCHS[name]
+    c = base.get_config()
     c.data.source = "tfds"
     c.data.name = name
     c.data.num_tasks = num_tasks

@@ -3,20 +3,15 @@ r"""A seconds-long 2-task run for tests and smoke checks (tiny ViT, capped Fashi
     python -m trm_jax.main --config configs/tiny.py --workdir runs/tiny \
         --config.merge.method=magmax
 
-Same fields as every config (``common.get_config``); only sizes are shrunk.
+Same fields as every config (``trm_jax.runner.config.get_config``); only sizes are shrunk.
 """
 
-import os
-import sys
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from configs import common  # noqa: E402
+from trm_jax.runner import config as base
 
 
 def get_config(arg=None):
     del arg
-    c = common.get_config()
+    c = base.get_config()
     c.data.source = "idx"
     c.data.name = "fashion_mnist"
     c.data.path = "/usr/share/datasets/fashion-mnist"

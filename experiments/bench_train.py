@@ -1,6 +1,6 @@
 r"""Train-step throughput and hardware utilisation for the ViT backbones.
 
-For each model: images/s of the jitted train step (``trm_jax.train.make_train_step``:
+For each model: images/s of the jitted train step (``trm_jax.runner.train.make_train_step``:
 AdamW, grad-clip, prototype cosine head over ``--classes`` classes, forward + backward
 + update), and the FLOP/s it achieves, next to the peak FLOP/s of one large matmul
 measured in the same run on the same devices. ``utilisation = train FLOP/s / matmul
@@ -30,7 +30,9 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from trm_jax import models, sharding, train
+from trm_jax import models, sharding
+from trm_jax.models import heads
+from trm_jax.runner import train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("models", ["vit_tiny", "vit_s16", "vit_b16"], "Registry names to benchmark.")
@@ -118,7 +120,7 @@ def make_step(backbone, num_classes: int, grad_accum: int, dtype: str):
     tcfg = train.default_config()
     tcfg.warmup_steps = 0
     optimizer = train.make_optimizer(tcfg)
-    logits_fn = train.make_logits_fn(backbone.features_fn, "prototype", 10.0)
+    logits_fn = heads.make_logits_fn(backbone.features_fn, "prototype", 10.0)
     loss_fn = train.make_loss_fn(logits_fn, dtype=dtype)
 
     def preprocess(images, key=None, *, train=False):

@@ -50,8 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from trm_jax import train
 from trm_jax.merging import trm
+from trm_jax.models import heads
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("K", 4, "Trajectory snapshots per task.")
@@ -127,7 +127,7 @@ def merge_inputs(backbone, k: int):
     features_fn = backbone.features_fn
 
     def apply_fn(params, images):
-        return train.cosine_logits(features_fn(params, images), rows, 100.0)
+        return heads.cosine_logits(features_fn(params, images), rows, 100.0)
 
     return base, previous, snapshots, apply_fn
 

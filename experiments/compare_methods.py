@@ -22,8 +22,6 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _METHODS = flags.DEFINE_string(
     "methods",
@@ -41,7 +39,7 @@ WALL_COLUMN = ("wall_seconds", "wall s / run", 1.0, ".3g")
 
 
 def run_all(config, methods, seeds, workdir):
-    from trm_jax import continual
+    from trm_jax import runner
 
     rows = []
     for method in methods:
@@ -55,7 +53,7 @@ def run_all(config, methods, seeds, workdir):
             timing_path = os.path.join(wd, "wall_seconds.json")
             finished = os.path.exists(os.path.join(wd, "metrics.json"))
             t0 = time.perf_counter()
-            record = continual.run(cfg, wd)
+            record = runner.run(cfg, wd)
             wall = time.perf_counter() - t0
             if finished and os.path.exists(timing_path):
                 with open(timing_path) as f:  # a reused finished run: keep its own timing
@@ -76,8 +74,8 @@ def run_all(config, methods, seeds, workdir):
 def main(argv):
     del argv
     from trm_jax import report
-    from trm_jax.continual import enable_compilation_cache
     from trm_jax.errors import TRMError
+    from trm_jax.runtime import enable_compilation_cache
 
     enable_compilation_cache(_JAX_CACHE.value)
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO

@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import itertools
 import os
-import sys
 import time
 
 import numpy as np
 from absl import app, flags, logging
 from ml_collections import config_flags
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
@@ -44,9 +41,9 @@ def _floats(text: str) -> list[float]:
 
 def main(argv):
     del argv
-    from trm_jax import continual
+    from trm_jax import runner, runtime
 
-    continual.enable_compilation_cache(_JAX_CACHE.value)
+    runtime.enable_compilation_cache(_JAX_CACHE.value)
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
         logging.set_verbosity(logging.WARNING)
     seeds = [int(s) for s in _SEEDS.value.split(",") if s]
@@ -74,7 +71,7 @@ def main(argv):
             w.align, w.consistency, w.responsiveness, w.reg = align, cons, resp, reg
             tag = f"a{align:g}_c{cons:g}_r{resp:g}_g{reg:g}_s{seed}"
             t0 = time.perf_counter()
-            recs.append(continual.run(cfg, os.path.join(_WORKDIR.value, tag)))
+            recs.append(runner.run(cfg, os.path.join(_WORKDIR.value, tag)))
             print(
                 f"{tag}: val last acc {recs[-1]['last_accuracy']:.4f} "
                 f"({time.perf_counter() - t0:.0f}s)",

@@ -51,7 +51,7 @@ def _step_parts():
     import jax
     import jax.numpy as jnp
 
-    from trm_jax import train
+    from trm_jax.runner import train
 
     def features(params, images):
         x = images.reshape(images.shape[0], -1)

@@ -14,8 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from trm_jax import sharding, train
+from trm_jax import sharding
 from trm_jax.errors import ConfigError, DataError
+from trm_jax.models import heads
+from trm_jax.runner import train
 
 NUM_CLASSES = 6
 WIDTH = 16
@@ -203,7 +205,7 @@ def _train_setup():
     tcfg = train.default_config()
     tcfg.lr, tcfg.warmup_steps, tcfg.weight_decay = 1e-2, 0, 0.1
     optimizer = train.make_optimizer(tcfg)
-    loss_fn = train.make_loss_fn(train.make_logits_fn(_features, "prototype", 10.0))
+    loss_fn = train.make_loss_fn(heads.make_logits_fn(_features, "prototype", 10.0))
     params = {"backbone": _init_vit(0), "head": {}}
     state = train.init_state(params, optimizer, 10)
     batches = [_data(32, seed=s) for s in range(3)]
@@ -253,7 +255,7 @@ def test_sharded_train_step_equals_single_device(single_device_run, data, fsdp, 
 def test_sharded_evaluation_accuracy_identical():
     params = {"backbone": _init_vit(1), "head": {}}
     ctx = _ctx()
-    logits_fn = train.make_logits_fn(_features, "prototype", 10.0)
+    logits_fn = heads.make_logits_fn(_features, "prototype", 10.0)
     data = _data(45, seed=9)  # not a multiple of 8: the last batch is padded and masked
 
     @jax.jit
@@ -335,7 +337,7 @@ def test_sharded_trm_merge_equals_unsharded():
     rows = _ctx()["rows"]
 
     def apply_fn(params, images):
-        return train.cosine_logits(_mlp_features(params, images), rows, 10.0)
+        return heads.cosine_logits(_mlp_features(params, images), rows, 10.0)
 
     data = _data(16, seed=3)
     batch = {"image": data["image"].astype(np.float32) / 255.0, "label": data["label"] % 3 + 3}

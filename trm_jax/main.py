@@ -1,4 +1,4 @@
-r"""Command-line entry point: one call into ``continual.run``.
+r"""Command-line entry point: one call into ``runner.run``.
 
     python -m trm_jax.main --config configs/default.py --workdir runs/demo
     python -m trm_jax.main --config configs/default.py --workdir runs/mm \
@@ -18,7 +18,10 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file (configs/*.py).", lock_config=True
+    "config",
+    None,
+    "Path to a config file (configs/*.py), optionally with :arg (configs/paper.py:cifar100,10).",
+    lock_config=True,
 )
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and reports.")
 _JAX_CACHE = flags.DEFINE_string(
@@ -33,22 +36,18 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from trm_jax import continual, sharding
+    from trm_jax import runner, runtime, sharding
     from trm_jax.errors import TRMError
 
     if not flags.FLAGS["verbosity"].present:  # orbax logs every save at INFO
         logging.set_verbosity(logging.WARNING)
     config = _CONFIG.value
-    continual.enable_compilation_cache(_JAX_CACHE.value)
+    runtime.enable_compilation_cache(_JAX_CACHE.value)
     try:
         sharding.initialize(config.mesh)
-        continual.run(config, _WORKDIR.value)
-    except TRMError as e:
+        runner.run(config, _WORKDIR.value)
+    except TRMError as e:  # registry misses are UnknownNameError, a TRMError too
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyError as e:  # registry miss: the message lists the choices
-        msg = e.args[0] if e.args else str(e)
-        print(f"error: {msg}", file=sys.stderr)
         return 2
     return 0
 

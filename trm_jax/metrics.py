@@ -85,6 +85,29 @@ def accuracy(logits: ArrayLike, labels: ArrayLike, classes: ArrayLike) -> float:
     return float(np.mean(classes[np.argmax(restricted, axis=-1)] == labels))
 
 
+def task_accuracies(
+    logits: np.ndarray,
+    labels: np.ndarray,
+    task_ids: np.ndarray,
+    task_classes: Sequence[ArrayLike],
+) -> tuple[np.ndarray, np.ndarray]:
+    """Row ``t`` of the accuracy matrices, where ``t = max(task_ids)``: per evaluated task
+    ``j``, the task-agnostic accuracy (argmax over every class of tasks ``0..t``) and the
+    task-aware accuracy (argmax over task ``j``'s own classes), both by ``accuracy``.
+
+    ``task_ids[i]`` is the task of example ``i``; returns two arrays indexed by task in
+    ``sorted(set(task_ids))`` order (pure numpy).
+    """
+    task_ids = np.asarray(task_ids)
+    seen = seen_classes(task_classes, int(task_ids.max()))
+    agn, aware = [], []
+    for j in sorted(set(task_ids.tolist())):
+        sel = task_ids == j
+        agn.append(accuracy(logits[sel], labels[sel], seen))
+        aware.append(accuracy(logits[sel], labels[sel], task_classes[j]))
+    return np.asarray(agn), np.asarray(aware)
+
+
 def seen_classes(task_classes: Sequence[ArrayLike], t: int) -> np.ndarray:
     """Class ids of tasks ``0..t`` concatenated (the task-agnostic candidate set)."""
     return np.concatenate([np.asarray(c, np.int32) for c in task_classes[: t + 1]])

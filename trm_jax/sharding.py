@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import jax
 import ml_collections
@@ -254,3 +254,30 @@ def describe(params: PyTree) -> dict[str, str]:
         name: str(getattr(leaf.sharding, "spec", leaf.sharding))
         for name, leaf in zip(leaf_names(params), jax.tree.leaves(params), strict=True)
     }
+
+
+class Placement:
+    """Where the runner's arrays live: nowhere special on one device; on a ``config.mesh``
+    mesh otherwise (parameters per ``shard_params``, batches split over the batch axes,
+    heads replicated). jit then runs data-parallel (and FSDP) with no change to the step
+    functions."""
+
+    def __init__(self, mesh_config: ml_collections.ConfigDict):
+        self.cfg = mesh_config
+        single = mesh_config.data == 1 and mesh_config.fsdp == 1
+        self.mesh = None if single or jax.device_count() == 1 else make_mesh(mesh_config)
+
+    def params(self, tree: PyTree) -> PyTree:
+        return tree if self.mesh is None else shard_params(tree, self.mesh, self.cfg)
+
+    def replicate(self, tree: PyTree) -> PyTree:
+        return tree if self.mesh is None else replicate(tree, self.mesh)
+
+    def batch(self, batch: dict) -> dict:
+        return batch if self.mesh is None else shard_batch(batch, self.mesh)
+
+    def batches(self, it: Iterator[dict]) -> Iterator[dict]:
+        return it if self.mesh is None else map(self.batch, it)
+
+    def images(self, images):
+        return images if self.mesh is None else self.batch({"image": images})["image"]

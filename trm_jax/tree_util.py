@@ -77,3 +77,21 @@ def fetch(tree: PyTree) -> PyTree:
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
     return jax.tree.map(one, tree)
+
+
+def batched_apply(fn, inputs: np.ndarray, batch_size: int, place=None) -> np.ndarray:
+    """``fn`` over ``inputs`` in chunks of ``batch_size`` rows, results concatenated on the
+    host. The last chunk is zero-padded to a full batch (its padded rows are dropped), so
+    a jitted ``fn`` compiles one shape for every call. ``place`` (optional) moves a chunk
+    onto devices first, e.g. split over a mesh."""
+    n, out = len(inputs), []
+    for s in range(0, n, batch_size):
+        chunk = inputs[s : s + batch_size]
+        m = len(chunk)
+        if m < batch_size:
+            pad = np.zeros((batch_size - m, *chunk.shape[1:]), chunk.dtype)
+            chunk = np.concatenate([chunk, pad])
+        if place is not None:
+            chunk = place(chunk)
+        out.append(np.asarray(fn(chunk))[:m])
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from trm_jax.errors import ConfigError
+from trm_jax.errors import ConfigError, DataError
 
 # Per-channel (mean, std) on [0, 1] pixels.
 NORMALIZATIONS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
@@ -306,3 +306,28 @@ __all__: Sequence[str] = (
     "num_batches",
     "resize_boxes",
 )
+
+
+def endless_batches(
+    images: np.ndarray, labels: np.ndarray, batch_size: int, seed: int, *, what: str = "data"
+) -> Iterator[dict[str, np.ndarray]]:
+    """Shuffled full batches, epoch after epoch, for as long as the caller draws
+    (deterministic for ``seed``: epoch ``e`` is ``batches(..., seed=seed, epoch=e)``).
+
+    Raises ``DataError`` naming ``what`` when an epoch yields no batch (fewer examples than
+    ``batch_size``), instead of looping forever over empty epochs.
+    """
+    epoch = 0
+    while True:
+        n = 0
+        for batch in batches(
+            images, labels, batch_size, shuffle=True, seed=seed, epoch=epoch, drop_remainder=True
+        ):
+            n += 1
+            yield batch
+        if n == 0:
+            raise DataError(
+                f"{what}: {len(labels)} examples cannot fill one batch of {batch_size}; "
+                "lower the batch size"
+            )
+        epoch += 1

@@ -149,7 +149,7 @@ def default_config() -> ml_collections.ConfigDict:
     )
 
 
-HEADS = ("prototype", "zeroshot", "linear")
+HEADS = heads.HEADS
 _FORMATS = ("auto", "npz", "safetensors")
 
 

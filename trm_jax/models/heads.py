@@ -21,6 +21,9 @@ import numpy as np
 
 from trm_jax.errors import CheckpointError, ConfigError, DataError
 from trm_jax.models.common import Backbone, PyTree
+from trm_jax.tree_util import batched_apply
+
+HEADS = ("prototype", "zeroshot", "linear")
 
 
 def l2_normalize(x: jax.typing.ArrayLike, axis: int = -1, eps: float = 1e-12) -> jax.Array:
@@ -72,6 +75,28 @@ def linear_logits(features: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
     return features @ w.T + b
 
 
+def make_logits_fn(
+    features_fn: Callable[[PyTree, jax.Array], jax.Array], head: str, scale: float
+) -> Callable[[PyTree, jax.Array, PyTree], jax.Array]:
+    """``logits_fn(params, images, ctx) -> [B, C]`` over every class of the stream.
+
+    ``params = {'backbone': ..., 'head': ...}``. Frozen heads (``prototype``,
+    ``zeroshot``) read their rows from ``ctx['rows']`` and give ``cosine_logits`` times
+    ``scale``; ``linear`` reads ``params['head'] = {'w': [C, D], 'b': [C]}``. The rows
+    travel in ``ctx`` (not a closure) so one compiled step serves every task.
+    """
+    if head not in HEADS:
+        raise ConfigError(f"unknown model.head '{head}'; choices: {', '.join(HEADS)}")
+
+    def logits_fn(params, images, ctx):
+        feats = features_fn(params["backbone"], images).astype(jnp.float32)
+        if head == "linear":
+            return linear_logits(feats, params["head"]["w"], params["head"]["b"])
+        return cosine_logits(feats, ctx["rows"], scale)
+
+    return logits_fn
+
+
 def cosine_apply_fn(features_fn: Callable, rows: jax.Array, scale: float) -> Callable:
     """``apply_fn(params, images) -> scale * cos(features, rows)`` closing over frozen rows."""
 
@@ -114,14 +139,11 @@ def zeroshot_rows(
     texts = [t.format(name.replace("_", " ")) for name in class_names for t in templates]
     tokens = tokenizer(texts, context_length=variant.context_length)
     encode = jax.jit(backbone.encode_text_fn)
-    batch_size = min(batch_size, len(tokens))
-    padded = np.concatenate([tokens, np.repeat(tokens[:1], -len(tokens) % batch_size, axis=0)])
-    embeds = jnp.concatenate(
-        [  # equal batches: one compilation
-            l2_normalize(encode(backbone.text_params, padded[i : i + batch_size]))
-            for i in range(0, len(padded), batch_size)
-        ]
-    )[: len(tokens)]
+    embeds = l2_normalize(  # equal batches: one compilation
+        batched_apply(
+            lambda x: encode(backbone.text_params, x), tokens, min(batch_size, len(tokens))
+        )
+    )
     rows = embeds.reshape(len(class_names), len(templates), -1).mean(axis=1)
     return l2_normalize(rows)
 

@@ -15,7 +15,7 @@ called as ``step(state, batch, key, ctx)``:
 
 ``finetune`` runs a task's steps, keeps ``K`` evenly spaced snapshots of the trajectory
 (the last one is the end point), measures the mean gradient norm over the first ``S``
-steps (the "onset" gradient norm of method.md section 2), and raises ``TrainingError``
+steps (the "onset" gradient norm, docs/method.md), and raises ``TrainingError``
 naming the task and step on a non-finite loss.
 """
 
@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,13 +32,10 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
-from trm_jax import baselines_cl
+from trm_jax import losses
 from trm_jax.errors import ConfigError, TrainingError
-
-PyTree = Any
-
-HEAD_KINDS = ("prototype", "zeroshot", "linear")
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+from trm_jax.runner import regularizers
+from trm_jax.tree_util import DTYPES, PyTree, batched_apply
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -118,59 +115,13 @@ def lr_at(step: jax.Array, total_steps: jax.Array, peak: float, warmup_steps: in
 def init_state(
     params: PyTree, optimizer: optax.GradientTransformation, total_steps: int
 ) -> TrainState:
+    """Step 0 of a schedule of ``total_steps`` steps from ``params``."""
     return TrainState(
         jnp.zeros((), jnp.int32),
         params,
         optimizer.init(params),
         jnp.asarray(total_steps, jnp.int32),
     )
-
-
-# ----------------------------------------------------------------------------- logits
-
-
-def cosine_logits(features: jax.Array, rows: jax.Array, scale: float) -> jax.Array:
-    """``scale * cos(features, rows)``: [B, D] x [C, D] -> [B, C]."""
-    f = features / jnp.maximum(jnp.linalg.norm(features, axis=-1, keepdims=True), 1e-6)
-    r = rows / jnp.maximum(jnp.linalg.norm(rows, axis=-1, keepdims=True), 1e-6)
-    return scale * f @ r.T
-
-
-def make_logits_fn(
-    features_fn: Callable[[PyTree, jax.Array], jax.Array], head: str, scale: float
-) -> Callable[[PyTree, jax.Array, PyTree], jax.Array]:
-    """``logits_fn(params, images, ctx) -> [B, C]`` over every class of the stream.
-
-    ``params = {'backbone': ..., 'head': ...}``. Frozen heads (``prototype``,
-    ``zeroshot``) read their rows from ``ctx['rows']`` and give cosine logits times
-    ``scale``; ``linear`` reads ``params['head'] = {'w': [C, D], 'b': [C]}``.
-    """
-    if head not in HEAD_KINDS:
-        raise ConfigError(f"unknown model.head '{head}'; choices: {', '.join(HEAD_KINDS)}")
-
-    def logits_fn(params, images, ctx):
-        feats = features_fn(params["backbone"], images).astype(jnp.float32)
-        if head == "linear":
-            return feats @ params["head"]["w"].T + params["head"]["b"]
-        return cosine_logits(feats, ctx["rows"], scale)
-
-    return logits_fn
-
-
-def masked_logits(logits: jax.Array, mask: jax.Array) -> jax.Array:
-    """Logits of classes outside ``mask`` [C] set to a large negative number."""
-    return jnp.where(mask[None, :], logits, -1e9)
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array, mask: jax.Array, smoothing: float = 0.0):
-    """Mean softmax cross-entropy over the classes in ``mask``."""
-    z = masked_logits(logits, mask)
-    n = jnp.maximum(mask.sum(), 1)
-    onehot = jax.nn.one_hot(labels, z.shape[-1])
-    if smoothing:
-        onehot = (1 - smoothing) * onehot + smoothing * mask[None, :] / n
-    logp = jax.nn.log_softmax(z)
-    return -(jnp.where(mask[None, :], onehot * logp, 0.0)).sum(-1).mean()
 
 
 # ----------------------------------------------------------------------------- the step
@@ -196,12 +147,12 @@ def make_loss_fn(
             fwd = jax.tree.map(lambda p: p.astype(compute_dtype), params)
             images = images.astype(compute_dtype)
         logits = logits_fn(fwd, images, ctx).astype(jnp.float32)
-        ce = cross_entropy(logits, labels, ctx["train_mask"], label_smoothing)
+        ce = losses.cross_entropy(logits, labels, ctx["train_mask"], label_smoothing)
         loss = ce
         aux = {"ce": ce}
         if lwf_lambda > 0:
             teacher_logits = jax.lax.stop_gradient(logits_fn(ctx["teacher"], images, ctx))
-            lwf = baselines_cl.lwf_loss(
+            lwf = regularizers.lwf_loss(
                 logits.astype(jnp.float32),
                 teacher_logits.astype(jnp.float32),
                 ctx["old_mask"],
@@ -210,7 +161,7 @@ def make_loss_fn(
             loss = loss + lwf_lambda * lwf
             aux["lwf"] = lwf
         if ewc_lambda > 0:
-            ewc = baselines_cl.ewc_penalty(params["backbone"], ctx["anchor"], ctx["fisher"])
+            ewc = regularizers.ewc_penalty(params["backbone"], ctx["anchor"], ctx["fisher"])
             loss = loss + ewc_lambda * ewc
             aux["ewc"] = ewc
         return loss, aux
@@ -276,6 +227,8 @@ def make_train_step(
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": rate, **aux}
         return TrainState(state.step + 1, params, opt_state, state.total_steps), metrics
 
+    # No donation (big_vision donates the state): ``finetune`` keeps snapshots of
+    # ``state.params``, and a donated state would delete them.
     return jax.jit(step, donate_argnums=())
 
 
@@ -295,6 +248,8 @@ def snapshot_steps(num_steps: int, k: int) -> list[int]:
 
 
 class FinetuneResult(NamedTuple):
+    """What ``finetune`` returns: the end state, the trajectory and what was measured."""
+
     state: TrainState
     snapshots: list  # K backbone param trees, last = end point
     onset_grad_norm: float  # mean grad norm over the first S steps (nan if S == 0)
@@ -398,45 +353,7 @@ def make_predict_fn(logits_fn: Callable, preprocess: Callable) -> Callable:
 def predict_all(
     predict, params, ctx, images: np.ndarray, batch_size: int, place: Callable | None = None
 ) -> np.ndarray:
-    """Logits for every image, in fixed-size batches (the last one zero-padded, so one
-    compiled shape serves every call). ``place`` puts a batch of images on devices
-    (e.g. split over a mesh); default: as is."""
-    n = len(images)
-    out = []
-    for s in range(0, n, batch_size):
-        chunk = images[s : s + batch_size]
-        m = len(chunk)
-        if m < batch_size:
-            pad = np.zeros((batch_size - m, *chunk.shape[1:]), chunk.dtype)
-            chunk = np.concatenate([chunk, pad])
-        if place is not None:
-            chunk = place(chunk)
-        out.append(np.asarray(predict(params, chunk, ctx))[:m])
-    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
-
-
-def accuracies(
-    logits: np.ndarray,
-    labels: np.ndarray,
-    task_ids: np.ndarray,
-    task_classes: list[np.ndarray],
-    seen_classes: np.ndarray,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per evaluated task: task-agnostic accuracy (argmax over ``seen_classes``) and
-    task-aware accuracy (argmax over the task's own classes).
-
-    ``task_ids[i]`` is the task of example ``i``; returns two arrays indexed by task in
-    ``sorted(set(task_ids))`` order.
-    """
-    seen_mask = np.zeros(logits.shape[1], bool)
-    seen_mask[np.asarray(seen_classes)] = True
-    agn_pred = np.where(seen_mask[None], logits, -np.inf).argmax(-1)
-    agn, aware = [], []
-    for t in sorted(set(task_ids.tolist())):
-        sel = task_ids == t
-        own = np.zeros(logits.shape[1], bool)
-        own[np.asarray(task_classes[t])] = True
-        aware_pred = np.where(own[None], logits[sel], -np.inf).argmax(-1)
-        agn.append(float((agn_pred[sel] == labels[sel]).mean()))
-        aware.append(float((aware_pred == labels[sel]).mean()))
-    return np.asarray(agn), np.asarray(aware)
+    """Logits for every image, in fixed-size batches (``tree_util.batched_apply``: the last
+    one zero-padded, so one compiled shape serves every call). ``place`` puts a batch of
+    images on devices (e.g. split over a mesh); default: as is."""
+    return batched_apply(lambda x: predict(params, x, ctx), images, batch_size, place=place)

@@ -1,4 +1,4 @@
-"""train.py and baselines_cl.py against closed-form numpy references."""
+"""runner/train.py and runner/regularizers.py against closed-form numpy references."""
 
 import jax
 import jax.numpy as jnp
@@ -6,8 +6,10 @@ import numpy as np
 import optax
 import pytest
 
-from trm_jax import baselines_cl, train
+from trm_jax import metrics
 from trm_jax.errors import TrainingError
+from trm_jax.models import heads
+from trm_jax.runner import regularizers, train
 
 B, D_IN, D, C = 8, 6, 4, 5
 
@@ -67,7 +69,7 @@ def test_one_adamw_step_matches_closed_form():
     mask = np.array([True, True, True, False, False])
     cfg = _config(lr=1e-2, weight_decay=0.1, warmup_steps=0, grad_clip=0.0)
     opt = train.make_optimizer(cfg)
-    logits_fn = train.make_logits_fn(_features_fn, "linear", 1.0)
+    logits_fn = heads.make_logits_fn(_features_fn, "linear", 1.0)
     step = train.make_train_step(
         train.make_loss_fn(logits_fn), opt, _preprocess, lr=cfg.lr, warmup_steps=0
     )
@@ -98,7 +100,7 @@ def test_grad_accum_and_clip_match_single_batch():
     params, batch = _setup(1)
     mask = np.ones(C, bool)
     ctx = {"rows": jnp.zeros((C, D)), "train_mask": jnp.asarray(mask)}
-    logits_fn = train.make_logits_fn(_features_fn, "linear", 1.0)
+    logits_fn = heads.make_logits_fn(_features_fn, "linear", 1.0)
     loss_fn = train.make_loss_fn(logits_fn)
     out = []
     for accum in (1, 4):
@@ -129,7 +131,7 @@ def test_update_mask_freezes_rows_under_weight_decay():
     batch["label"] = batch["label"] % 2
     opt = train.make_optimizer(_config())
     step = train.make_train_step(
-        train.make_loss_fn(train.make_logits_fn(_features_fn, "linear", 1.0)),
+        train.make_loss_fn(heads.make_logits_fn(_features_fn, "linear", 1.0)),
         opt,
         _preprocess,
         lr=0.1,
@@ -156,7 +158,7 @@ def test_snapshot_spacing(n, k, expected):
 
 
 def _run_finetune(params, batches, steps, cfg, mask, snapshots=0, onset=0, task=3):
-    logits_fn = train.make_logits_fn(_features_fn, "linear", 1.0)
+    logits_fn = heads.make_logits_fn(_features_fn, "linear", 1.0)
     loss_fn = train.make_loss_fn(logits_fn)
     opt = train.make_optimizer(cfg)
     step = train.make_train_step(
@@ -227,11 +229,11 @@ def test_accuracies_task_agnostic_and_aware():
     labels = np.array([0, 0, 2, 3])
     tasks = np.array([0, 0, 1, 1])
     tc = [np.array([0, 1]), np.array([2, 3])]
-    agn, aware = train.accuracies(logits, labels, tasks, tc, np.array([0, 1, 2, 3]))
+    agn, aware = metrics.task_accuracies(logits, labels, tasks, tc)
     # agnostic argmax: [3, 1, 3, 2] -> task0 0/2, task1 0/2; aware: [0,1] -> task0 1/2, [3,2] 0/2
     np.testing.assert_allclose(agn, [0.0, 0.0])
     np.testing.assert_allclose(aware, [0.5, 0.0])
-    agn, _ = train.accuracies(logits[:2], labels[:2], tasks[:2], tc, np.array([0, 1]))
+    agn, _ = metrics.task_accuracies(logits[:2], labels[:2], tasks[:2], tc)
     np.testing.assert_allclose(agn, [0.5])
 
 
@@ -247,10 +249,10 @@ def test_lwf_loss_matches_numpy_kl():
 
     pt, ps = sm(zt[:, old] / T), sm(zs[:, old] / T)
     ref = T**2 * (pt * (np.log(pt) - np.log(ps))).sum(-1).mean()
-    got = baselines_cl.lwf_loss(jnp.asarray(zs), jnp.asarray(zt), jnp.asarray(old), T)
+    got = regularizers.lwf_loss(jnp.asarray(zs), jnp.asarray(zt), jnp.asarray(old), T)
     np.testing.assert_allclose(float(got), ref, rtol=1e-5)
     assert (
-        float(baselines_cl.lwf_loss(jnp.asarray(zs), jnp.asarray(zt), jnp.zeros(6, bool), T)) == 0.0
+        float(regularizers.lwf_loss(jnp.asarray(zs), jnp.asarray(zt), jnp.zeros(6, bool), T)) == 0.0
     )
 
 
@@ -259,9 +261,9 @@ def test_ewc_penalty_and_fisher():
     a = {"a": jnp.array([0.0, 1.0]), "b": jnp.array([[1.0]])}
     f = {"a": jnp.array([2.0, 0.5]), "b": jnp.array([[4.0]])}
     np.testing.assert_allclose(
-        float(baselines_cl.ewc_penalty(p, a, f)), 0.5 * (2 * 1 + 0.5 * 1 + 4 * 4), rtol=1e-6
+        float(regularizers.ewc_penalty(p, a, f)), 0.5 * (2 * 1 + 0.5 * 1 + 4 * 4), rtol=1e-6
     )
     # loss = sum(x * w): grad = x, Fisher = mean of x^2 over batches.
     xs = [np.array([1.0, 2.0]), np.array([3.0, -1.0])]
-    fisher = baselines_cl.fisher_diagonal(lambda w, x: jnp.sum(x * w), jnp.zeros(2), xs)
+    fisher = regularizers.fisher_diagonal(lambda w, x: jnp.sum(x * w), jnp.zeros(2), xs)
     np.testing.assert_allclose(fisher, [5.0, 2.5])

@@ -7,28 +7,13 @@ import os
 import jax
 import numpy as np
 import pytest
+from configs_util import FMNIST, ROOT, tiny_config
 
-from trm_jax import continual, models, report
+from trm_jax import models, report, runner
 from trm_jax.errors import ConfigError
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FMNIST = "/usr/share/datasets/fashion-mnist"
+from trm_jax.runner import methods, pretrain, setup
 
 pytestmark = pytest.mark.skipif(not os.path.isdir(FMNIST), reason="Fashion-MNIST IDX not installed")
-
-
-def tiny_config(**overrides):
-    spec = importlib.util.spec_from_file_location("tiny_cfg", os.path.join(ROOT, "configs/tiny.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
-    for k, v in overrides.items():
-        obj = c
-        *path, last = k.split(".")
-        for p in path:
-            obj = obj[p]
-        obj[last] = v
-    return c
 
 
 def _bytes(tree):
@@ -43,7 +28,7 @@ def runs(tmp_path_factory):
     for method, chain in (("trm", "merged"), ("magmax", "finetuned"), ("seq_ft", "merged")):
         wd = str(root / method)
         cfg = tiny_config(**{"merge.method": method, "merge.chain": chain})
-        out[method] = (wd, cfg, continual.run(cfg, wd))
+        out[method] = (wd, cfg, runner.run(cfg, wd))
     return out
 
 
@@ -87,14 +72,14 @@ def test_resume_after_interruption_equals_uninterrupted(runs, tmp_path):
     wd = str(tmp_path / "resumed")
     cfg = cfg.copy_and_resolve_references()
     cfg.debug.stop_after_task = 1
-    assert continual.run(cfg, wd) == {"stopped_after_task": 1}
+    assert runner.run(cfg, wd) == {"stopped_after_task": 1}
     assert not os.path.exists(os.path.join(wd, "metrics.json"))
     changed = cfg.copy_and_resolve_references()
     changed.train.lr = 0.5
     with pytest.raises(ConfigError, match=r"different config \[train.lr"):
-        continual.run(changed, wd)
+        runner.run(changed, wd)
     cfg.debug.stop_after_task = 0  # debug fields do not count as a config change
-    resumed = continual.run(cfg, wd)
+    resumed = runner.run(cfg, wd)
     np.testing.assert_array_equal(
         np.asarray(resumed["acc_matrix"], float), np.asarray(full["acc_matrix"], float)
     )
@@ -110,7 +95,7 @@ def test_data_parallel_mesh_matches_single_device(runs, tmp_path):
     _, cfg, single = runs["magmax"]
     cfg = cfg.copy_and_resolve_references()
     cfg.mesh.data = -1
-    multi = continual.run(cfg, str(tmp_path / "mesh"))
+    multi = runner.run(cfg, str(tmp_path / "mesh"))
     a = np.asarray(multi["acc_matrix"], float)
     b = np.asarray(single["acc_matrix"], float)
     np.testing.assert_allclose(a, b, atol=2.5 / min(multi["task_sizes"]))
@@ -129,10 +114,10 @@ def test_zeroshot_equals_nearest_prototype_and_pretrain_cache(tmp_path):
             "pretrain.data.max_train_per_class": 20,
         }
     )
-    m1 = continual.run(cfg, str(tmp_path / "a"))
+    m1 = runner.run(cfg, str(tmp_path / "a"))
     (entry,) = os.listdir(cache)
     stamp = os.path.getmtime(os.path.join(cache, entry))
-    m2 = continual.run(cfg, str(tmp_path / "b"))
+    m2 = runner.run(cfg, str(tmp_path / "b"))
     assert os.listdir(cache) == [entry] and os.path.getmtime(os.path.join(cache, entry)) == stamp
     np.testing.assert_array_equal(
         np.asarray(m1["acc_matrix"], float), np.asarray(m2["acc_matrix"], float)
@@ -140,8 +125,8 @@ def test_zeroshot_equals_nearest_prototype_and_pretrain_cache(tmp_path):
 
     from trm_jax import data
 
-    model = continual.build_model(cfg)
-    theta0 = continual.pretrain(cfg, model)
+    model = setup.build_model(cfg)
+    theta0 = pretrain.pretrain(cfg, model)
     assert not np.allclose(
         np.asarray(jax.tree.leaves(theta0)[0]),
         np.asarray(jax.tree.leaves(model.backbone.params)[0]),
@@ -149,7 +134,7 @@ def test_zeroshot_equals_nearest_prototype_and_pretrain_cache(tmp_path):
     stream = data.load_stream(cfg.data)
 
     def feats(x):
-        f = continual.features_all(model, theta0, x, 64)
+        f = setup.features_all(model, theta0, x, 64)
         return f / np.linalg.norm(f, axis=-1, keepdims=True)
 
     means = {}
@@ -173,7 +158,7 @@ def test_regularisation_joint_and_linear_head_run(tmp_path, method):
     over = {"merge.method": method}
     if method == "magmax_linear_head":
         over = {"merge.method": "magmax", "model.head": "linear"}
-    m = continual.run(tiny_config(**over), str(tmp_path / method))
+    m = runner.run(tiny_config(**over), str(tmp_path / method))
     acc = np.asarray(m["acc_matrix"], float)
     assert np.all((acc[np.tril_indices(2)] >= 0) & (acc[np.tril_indices(2)] <= 1))
     assert len(m["onset_grad_norm"]) == 1 and np.isfinite(m["onset_grad_norm"][0])
@@ -185,35 +170,44 @@ def test_regularisation_joint_and_linear_head_run(tmp_path, method):
 
 def test_unknown_method_lists_choices(tmp_path):
     with pytest.raises(ConfigError, match=r"unknown merge.method 'nope'; choices: .*magmax.*trm"):
-        continual.run(tiny_config(**{"merge.method": "nope"}), str(tmp_path))
+        runner.run(tiny_config(**{"merge.method": "nope"}), str(tmp_path))
+
+
+def _load_config(name: str):
+    path, _, arg = name.partition(":")
+    spec = importlib.util.spec_from_file_location("cfg", os.path.join(ROOT, f"configs/{path}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg) if arg else mod.get_config()
 
 
 @pytest.mark.parametrize(
-    "name", ["default", "cifar100_10", "cifar100_20", "imagenet_r_10", "cars196_10", "cub200_10"]
+    "name",
+    ["default", "tiny", "paper", "paper:cifar100,20", "paper:imagenet_r,10", "paper:cars196,10"],
 )
 def test_configs_load_and_declare_every_section(name):
-    spec = importlib.util.spec_from_file_location(
-        f"cfg_{name}", os.path.join(ROOT, f"configs/{name}.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = _load_config(name)
     for section in ("data", "model", "train", "merge", "pretrain", "cl", "eval", "mesh", "debug"):
         assert section in c, section
-    assert c.merge.method in continual.method_choices()
+    assert c.merge.method in methods.choices()
     assert c.model.head in ("prototype", "zeroshot", "linear")
+
+
+def test_paper_config_arguments():
+    """One parameterised config replaces the five copies: benchmark, tasks, epochs."""
+    c = _load_config("paper:cub200,10")
+    assert (c.data.name, c.data.num_tasks, c.train.epochs) == ("cub200", 10, 30)
+    c = _load_config("paper:cifar100,20,5")
+    assert (c.data.name, c.data.num_tasks, c.train.epochs) == ("cifar100", 20, 5)
+    with pytest.raises(ConfigError, match="benchmark"):
+        _load_config("paper:mnist,5")
 
 
 def test_paper_config_without_data_fails_with_one_line(tmp_path):
     from trm_jax.errors import TRMError
 
-    spec = importlib.util.spec_from_file_location(
-        "cfg_c100", os.path.join(ROOT, "configs/cifar100_10.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config()
+    c = _load_config("paper:cifar100,10")
     c.data.data_dir = str(tmp_path / "no_tfds_here")
     with pytest.raises(TRMError) as err:
-        continual.run(c, str(tmp_path / "run"))
+        runner.run(c, str(tmp_path / "run"))
     assert "\n" not in str(err.value) and "cifar100" in str(err.value)

@@ -1,0 +1,341 @@
+"""The class-incremental task loop: fine-tune -> merge -> evaluate -> checkpoint -> report.
+
+    from trm_jax import runner
+    from configs import default
+    metrics = runner.run(default.get_config(), "runs/demo")
+
+For task t (docs/runner.md): the method (``runner.methods``) says where fine-tuning
+starts and on what; fine-tune on D_t keeping K trajectory snapshots; the method merges;
+evaluate the merged model on the test data of tasks 1..t (task-agnostic and task-aware);
+record the onset gradient norm (mean ||grad L|| over the first S steps of task t, started
+from theta_bar_{t-1}); checkpoint; and at the end write ``metrics.json``, ``report.md``
+and the plots. The loop names no method.
+
+Resume: every task ends with a checkpoint of everything that persists between tasks
+(the merged model, the chain start, the head, the method's state) plus the metrics so
+far. All randomness derives from (seed, task, step), so re-running an interrupted task
+from the last checkpoint replays it exactly. A workdir whose ``config.json`` differs
+from the requested config is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from trm_jax import checkpointing, data, metrics, models, report
+from trm_jax.data import pipeline
+from trm_jax.errors import check_choice
+from trm_jax.merging import task_vectors
+from trm_jax.runner import methods, setup, train
+from trm_jax.runner.config import CHAINS, VOLATILE_FIELDS
+from trm_jax.runner.methods import Carry, Finetuned, Method, Task
+from trm_jax.runner.pretrain import pretrain
+from trm_jax.sharding import Placement
+from trm_jax.tree_util import DTYPES, PyTree, tree_bytes
+
+META_KEYS = (
+    "acc",
+    "aware",
+    "onset_grad_norm",
+    "finetune_seconds",
+    "merge_seconds",
+    "stored_bytes",
+    "merge_info",
+    "losses",
+)
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def config_json(config: ml_collections.ConfigDict) -> str:
+    """The config as the JSON text ``config.json`` holds (sorted keys)."""
+    return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Write ``config.json``, or refuse a workdir that holds a different config."""
+    os.makedirs(workdir, exist_ok=True)
+    checkpointing.config_guard(workdir, config_json(config), ignore=VOLATILE_FIELDS)
+
+
+def validate(config: ml_collections.ConfigDict) -> Method:
+    """The run's method; ``UnknownNameError`` for an unknown name in any choice field."""
+    method = methods.get(config.merge.method)
+    check_choice(config.merge.chain, CHAINS, "merge.chain")
+    check_choice(config.model.head, models.HEADS, "model.head")
+    check_choice(config.train.dtype, DTYPES, "train.dtype")
+    return method
+
+
+def apply_include_exclude(config, merged: PyTree, fallback: PyTree) -> PyTree:
+    """Leaves outside ``merge.include`` or inside ``merge.exclude`` take ``fallback``."""
+    inc, exc = config.merge.include, config.merge.exclude
+    if not inc and not exc:
+        return merged
+    mask = task_vectors.name_mask(merged, inc or None, exc or None)
+    return task_vectors.masked(merged, fallback, mask)
+
+
+class Run(NamedTuple):
+    """What every task of a run shares (built once by ``run``)."""
+
+    config: ml_collections.ConfigDict
+    method: Method
+    stream: data.TaskStream
+    model: setup.Model
+    theta0: PyTree
+    place: Placement
+    eval_sets: list
+    step: tuple  # (optimizer, loss_fn, jitted step)
+
+
+def _persisted(job: Run, carry: Carry, rows, head) -> dict:
+    tree = {"merged": carry.merged, "rows": rows, "head": head}
+    if job.method.chained(job.config):
+        tree["chain"] = carry.chain
+    if carry.state is not None:
+        tree["merge_state"] = carry.state
+    return tree
+
+
+def _restore_like(job: Run, tasks_done: int, rows, head) -> PyTree:
+    theta0 = job.theta0
+    state = job.method.state_like(job.config, theta0, tasks_done)
+    tree = _persisted(job, Carry(theta0, theta0, state), rows, head)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(jnp.shape(x), x.dtype), tree)
+
+
+def _onset_probe(job: Run, task: Task, carry: Carry, training, ctx, head) -> float:
+    """Mean gradient norm over the first S steps of this task started from theta_bar_{t-1}
+    (for methods whose own run starts elsewhere)."""
+    opt, _, step_fn = job.step
+    tcfg = job.config.train
+    probe = train.finetune(
+        step_fn,
+        train.init_state({"backbone": carry.merged, "head": head}, opt, training.num_steps),
+        job.place.batches(
+            pipeline.endless_batches(
+                task.images, task.labels, tcfg.batch_size, setup.seed_of(job.config.seed, task.t, 1)
+            )
+        ),
+        tcfg.onset_steps,
+        onset_steps=tcfg.onset_steps,
+        key=setup.key_of(job.config.seed, task.t, 2),
+        ctx={**ctx, "train_mask": jnp.asarray(task.classes.task_mask)},
+        task=task.t + 1,
+        desc=f"onset probe {task.t + 1}",
+        progress=False,
+    )
+    return probe.onset_grad_norm
+
+
+def _finetune(job: Run, task: Task, training, ctx, head):
+    """(Finetuned, onset gradient norm of the run, per-step losses, seconds)."""
+    if not job.method.finetunes:
+        return Finetuned(task.theta0, [task.theta0], head, ctx, training), None, [], 0.0
+    opt, _, step_fn = job.step
+    cfg, t = job.config, task.t
+    batches = pipeline.endless_batches(
+        training.images,
+        training.labels,
+        cfg.train.batch_size,
+        setup.seed_of(cfg.seed, t, 1),
+        what=f"task {t + 1}",
+    )
+    res = train.finetune(
+        step_fn,
+        train.init_state({"backbone": training.start, "head": head}, opt, training.num_steps),
+        job.place.batches(batches),
+        training.num_steps,
+        key=setup.key_of(cfg.seed, t, 2),
+        ctx=ctx,
+        num_snapshots=training.num_snapshots,
+        onset_steps=cfg.train.onset_steps,
+        task=t + 1,
+        desc=f"task {t + 1}/{task.num_tasks} {job.method.name}",
+        progress=cfg.debug.progress,
+    )
+    theta_t, head = res.state.params["backbone"], res.state.params["head"]
+    finetuned = Finetuned(theta_t, res.snapshots, head, ctx, training)
+    return finetuned, res.onset_grad_norm, res.losses.tolist(), res.seconds
+
+
+def _evaluate(job: Run, t: int, merged: PyTree, rows, head) -> tuple[np.ndarray, np.ndarray]:
+    """Task-agnostic and task-aware accuracy of ``merged`` on tasks 0..t."""
+    sets = job.eval_sets[: t + 1]
+    logits = train.predict_all(
+        job.model.predict,
+        {"backbone": merged, "head": head},
+        {"rows": rows},
+        np.concatenate([s[0] for s in sets]),
+        job.config.eval.batch_size,
+        place=job.place.images,
+    )
+    labels = np.concatenate([s[1] for s in sets])
+    task_ids = np.concatenate([np.full(len(s[1]), j) for j, s in enumerate(sets)])
+    return metrics.task_accuracies(logits, labels, task_ids, job.stream.task_classes)
+
+
+def run_task(job: Run, t: int, carry: Carry, rows, head, meta: dict):
+    """Task ``t`` from ``carry``: returns the new (carry, rows, head); appends to ``meta``."""
+    cfg, method, stream = job.config, job.method, job.stream
+    t_wall = time.perf_counter()
+    images, labels = stream.split("train", t)
+    classes = setup.ClassSets.at(stream.task_classes, t, stream.num_classes)
+    rows, head = setup.add_task_rows(
+        cfg, job.model, job.theta0, rows, head, images, labels, classes.task
+    )
+    task = Task(
+        t, stream.num_tasks, cfg, job.model, stream, job.theta0, rows, head, images, labels,
+        classes, job.place, job.step[1],
+    )  # fmt: skip
+    training = method.training(task, carry)
+    ctx = {"rows": rows, "train_mask": jnp.asarray(training.train_mask), **training.ctx}
+    if cfg.model.head == "linear":
+        mask = jnp.asarray(training.train_mask)
+        ctx["update_mask"] = {
+            "backbone": jax.tree.map(lambda _: jnp.asarray(True), training.start),
+            "head": {"w": mask[:, None], "b": mask},
+        }
+
+    onset_from_run = t > 0 and method.finetunes and training.from_merged
+    if t > 0 and not onset_from_run and cfg.train.onset_steps > 0:
+        meta["onset_grad_norm"].append(_onset_probe(job, task, carry, training, ctx, head))
+    finetuned, onset, losses, ft_sec = _finetune(job, task, training, ctx, head)
+    if onset_from_run:
+        meta["onset_grad_norm"].append(onset)
+    head = finetuned.head
+
+    t_merge = time.perf_counter()
+    merged, state, info = method.merge(task, carry, finetuned)
+    if method.merges:
+        merged = apply_include_exclude(cfg, merged, finetuned.theta_t)
+    merged = jax.block_until_ready(merged)
+    merge_sec = time.perf_counter() - t_merge
+    try:
+        task_vectors.check_finite(merged, f"merged model of task {t + 1}")
+    except task_vectors.NonFiniteError as e:
+        raise task_vectors.NonFiniteError(f"{e} (checkpoints are intact)") from None
+    carry = Carry(merged, finetuned.theta_t, state)
+
+    agn, aware = _evaluate(job, t, merged, rows, head)
+    meta["acc"].append(agn.tolist())
+    meta["aware"].append(aware.tolist())
+    meta["finetune_seconds"].append(ft_sec)
+    meta["merge_seconds"].append(merge_sec)
+    meta["losses"].append(losses[-1] if losses else None)
+    meta["merge_info"].append(_merge_summary(info))
+    tree = _persisted(job, carry, rows, head)
+    needs_theta0 = method.needs_theta0 or cfg.model.head == "prototype"
+    meta["stored_bytes"].append(tree_bytes(tree) + (tree_bytes(job.theta0) if needs_theta0 else 0))
+
+    sizes = np.asarray([len(s[1]) for s in job.eval_sets[: t + 1]])
+    _log(
+        f"task {t + 1}/{stream.num_tasks} {method.name}: acc(seen) "
+        f"{float((agn * sizes).sum() / sizes.sum()):.4f} per-task {np.round(agn, 3).tolist()} "
+        f"| fine-tune {ft_sec:.1f}s merge {merge_sec:.2f}s "
+        f"| total {time.perf_counter() - t_wall:.1f}s"
+    )
+    return carry, rows, head, tree
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
+    """Run the stream of ``config`` in ``workdir`` (resuming if it holds a checkpoint);
+    return the metrics dict written to ``metrics.json``."""
+    method = validate(config)
+    check_workdir(config, workdir)
+    stream = data.load_stream(config.data)
+    model = setup.build_model(config)
+    theta0 = pretrain(config, model) if config.pretrain.enabled else model.backbone.params
+    place = Placement(config.mesh)
+    theta0 = place.params(theta0)
+    rows, head = place.replicate(setup.initial_head(config, model, stream, theta0))
+    # Evaluation data of every task (kept in memory; the stream is small or sub-sampled).
+    eval_sets = [stream.split(config.eval.split, t) for t in range(stream.num_tasks)]
+    step = method.step(config, model)
+    job = Run(config, method, stream, model, theta0, place, eval_sets, step)
+
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=2)
+    meta = {k: [] for k in META_KEYS}
+    carry, start = Carry(theta0, theta0, None), 0
+    latest = ckpt.latest_step()
+    if latest is not None:
+        tree, meta = ckpt.restore(latest, _restore_like(job, latest, rows, head))
+        state = tree.get("merge_state")
+        carry = Carry(
+            place.params(tree["merged"]),
+            place.params(tree.get("chain", tree["merged"])),
+            None if state is None else place.params(state),
+        )
+        rows, head = place.replicate((tree["rows"], tree["head"]))
+        start = latest
+        _log(f"resuming {workdir} after task {latest}/{stream.num_tasks}")
+
+    for t in range(start, stream.num_tasks):
+        carry, rows, head, tree = run_task(job, t, carry, rows, head, meta)
+        ckpt.save(t + 1, tree, meta)
+        ckpt.wait()
+        stop = config.debug.stop_after_task
+        if stop and t + 1 >= stop and t + 1 < stream.num_tasks:
+            ckpt.close()
+            return {"stopped_after_task": t + 1}
+    ckpt.close()
+    sizes = np.asarray([len(e[1]) for e in eval_sets])
+    return finish(config, workdir, stream, meta, sizes)
+
+
+def _merge_summary(info: dict) -> dict:
+    """The scalar part of a merge's info dict (TRM: g_ref/g_init/g_final, first and
+    last value of each loss term), small enough for metrics.json."""
+    out = {}
+    for k, v in info.items():
+        if k == "history" and isinstance(v, dict):
+            for term, values in v.items():
+                a = np.asarray(values, np.float64).ravel()
+                if a.size:
+                    out[f"{term}_first"], out[f"{term}_last"] = float(a[0]), float(a[-1])
+        elif isinstance(v, int | float | np.generic) or (
+            isinstance(v, jax.Array | np.ndarray) and np.ndim(v) == 0
+        ):
+            out[k] = float(np.asarray(v))
+    return out
+
+
+def finish(config, workdir, stream, meta, task_sizes) -> dict:
+    """Assemble ``metrics.json`` from the per-task records and write the report."""
+    T = stream.num_tasks
+    acc = np.full((T, T), np.nan)
+    aware = np.full((T, T), np.nan)
+    for t in range(T):
+        acc[t, : t + 1] = meta["acc"][t]
+        aware[t, : t + 1] = meta["aware"][t]
+    out = {
+        "method": config.merge.method,
+        "chain": config.merge.chain,
+        "seed": int(config.seed),
+        "class_order": [int(c) for c in np.asarray(stream.class_order)],
+        "task_sizes": task_sizes.tolist(),
+        "acc_matrix": acc.tolist(),
+        "task_aware_matrix": aware.tolist(),
+    }
+    out.update(metrics.summarize(acc, task_sizes, aware))
+    out.update(
+        onset_grad_norm=list(meta["onset_grad_norm"]),
+        finetune_seconds=list(meta["finetune_seconds"]),
+        merge_seconds=list(meta["merge_seconds"]),
+        stored_bytes=list(meta["stored_bytes"]),
+        merge_info=meta["merge_info"],
+    )
+    report.write(workdir, out)
+    return out

@@ -1,0 +1,190 @@
+"""What a run builds once: the model and its jitted functions, the train step, the heads,
+the class sets of a task, and the run's seeds and keys.
+
+Jitted functions are cached per process, keyed by the config sections they depend on, so
+several runs in one process (``experiments/compare_methods.py``, the tests) compile them
+once. The cache is an explicit module-level dict (``_CACHE``); ``clear_cache()`` empties it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from trm_jax import models
+from trm_jax.data import pipeline
+from trm_jax.errors import ConfigError
+from trm_jax.models import heads
+from trm_jax.runner import train
+from trm_jax.tree_util import PyTree, batched_apply
+
+_CACHE: dict[str, Any] = {}  # jitted functions reused across runs of one process
+
+
+def clear_cache() -> None:
+    """Forget every cached jitted function (they are rebuilt on next use)."""
+    _CACHE.clear()
+
+
+def cache_key(*parts) -> str:
+    """A stable string key from config sections and plain values."""
+    return json.dumps(
+        [p.to_dict() if hasattr(p, "to_dict") else p for p in parts], sort_keys=True, default=str
+    )
+
+
+def cached(key: str, build):
+    """``_CACHE[key]``, built by ``build()`` on first use."""
+    if key not in _CACHE:
+        _CACHE[key] = build()
+    return _CACHE[key]
+
+
+def seed_of(*parts: int) -> int:
+    """A 31-bit integer seed from (seed, task, ...), stable across runs."""
+    h = hashlib.sha256(",".join(str(int(p)) for p in parts).encode()).digest()
+    return int.from_bytes(h[:4], "little") & 0x7FFFFFFF
+
+
+def key_of(seed: int, *parts: int) -> jax.Array:
+    """``jax.random.key(seed)`` folded with each of ``parts`` in turn."""
+    k = jax.random.key(seed)
+    for p in parts:
+        k = jax.random.fold_in(k, p)
+    return k
+
+
+@dataclasses.dataclass
+class Model:
+    """The backbone plus the jitted functions built once per run."""
+
+    backbone: Any
+    preprocess: Any
+    logits_fn: Any
+    predict: Any
+    features: Any  # jitted (backbone_params, uint8 images) -> features
+
+
+def build_model(config: ml_collections.ConfigDict) -> Model:
+    """The backbone (random init or checkpoint) and its jitted functions (cached per
+    process and model config)."""
+    backbone = models.build(config.model, key=key_of(config.seed, 7))
+
+    def build():
+        preprocess = pipeline.make_preprocess(
+            backbone.image_size, backbone.channels, backbone.normalization
+        )
+        logits_fn = heads.make_logits_fn(
+            backbone.features_fn, config.model.head, config.model.head_scale
+        )
+        feats = jax.jit(lambda p, x: backbone.features_fn(p, preprocess(x, None, train=False)))
+        return preprocess, logits_fn, train.make_predict_fn(logits_fn, preprocess), feats
+
+    preprocess, logits_fn, predict, feats = cached(cache_key("model", config.model), build)
+    return Model(backbone, preprocess, logits_fn, predict, feats)
+
+
+def make_step(config, model: Model, tcfg, loss_kwargs: dict, head: str | None = None):
+    """(optimizer, loss_fn, jitted step, logits_fn) for ``tcfg`` and the loss terms, cached.
+    ``head`` overrides the model's head kind (pre-training uses a linear head)."""
+
+    def build():
+        logits_fn = model.logits_fn
+        if head is not None:
+            logits_fn = heads.make_logits_fn(model.backbone.features_fn, head, 1.0)
+        loss_fn = train.make_loss_fn(
+            logits_fn, label_smoothing=tcfg.label_smoothing, dtype=tcfg.dtype, **loss_kwargs
+        )
+        opt = train.make_optimizer(tcfg)
+        step = train.make_train_step(
+            loss_fn,
+            opt,
+            model.preprocess,
+            lr=tcfg.lr,
+            warmup_steps=tcfg.warmup_steps,
+            augment=tcfg.augment,
+            grad_accum=tcfg.grad_accum,
+        )
+        return opt, loss_fn, step, logits_fn
+
+    return cached(cache_key("step", config.model, tcfg, loss_kwargs, head), build)
+
+
+def preprocess_fn(model: Model):
+    """Jitted evaluation-mode preprocessing (uint8 -> model input), cached."""
+    bb = model.backbone
+    return cached(
+        cache_key("prep", bb.image_size, bb.channels, bb.normalization),
+        lambda: jax.jit(lambda x: model.preprocess(x, None, train=False)),
+    )
+
+
+def features_all(model: Model, params, images: np.ndarray, batch_size: int) -> np.ndarray:
+    """Backbone features of every image (``tree_util.batched_apply``)."""
+    return batched_apply(lambda x: model.features(params, x), images, batch_size)
+
+
+class ClassSets(NamedTuple):
+    """The class ids and ``[C]`` boolean masks of task ``t``: its own classes, the earlier
+    tasks' (``old``) and both (``seen``). Built once per task, read by every step."""
+
+    task: np.ndarray
+    old: np.ndarray
+    seen: np.ndarray
+    task_mask: np.ndarray
+    old_mask: np.ndarray
+    seen_mask: np.ndarray
+
+    @classmethod
+    def at(cls, task_classes: list[np.ndarray], t: int, num_classes: int) -> ClassSets:
+        def mask(ids):
+            m = np.zeros(num_classes, bool)
+            m[ids] = True
+            return m
+
+        old = np.concatenate(task_classes[:t]) if t else np.zeros((0,), np.int32)
+        seen = np.concatenate(task_classes[: t + 1])
+        return cls(task_classes[t], old, seen, mask(task_classes[t]), mask(old), mask(seen))
+
+
+# ----------------------------------------------------------------------------- heads
+
+
+def initial_head(config, model: Model, stream, theta0) -> tuple[PyTree, PyTree]:
+    """(frozen rows [C, D], trainable head params) at the start of the stream."""
+    c, d = stream.num_classes, model.backbone.feature_dim
+    kind = config.model.head
+    if kind == "zeroshot":
+        rows = models.zeroshot_head(model.backbone, list(stream.class_names), config.model)
+        rows = jnp.asarray(rows, jnp.float32)
+        if rows.shape != (c, d):
+            raise ConfigError(
+                f"zero-shot head has shape {tuple(rows.shape)}, expected ({c}, {d}) for {c} classes"
+            )
+        return rows, {}
+    if kind == "prototype":
+        return jnp.zeros((c, d), jnp.float32), {}
+    return jnp.zeros((c, d), jnp.float32), heads.linear_init(c, d)
+
+
+def add_task_rows(config, model: Model, theta0, rows, head, images, labels, classes):
+    """Prototype rows (mean theta_0 feature of each new class) for ``classes``; for the
+    linear head they also initialise the trainable rows (scaled like the cosine head)."""
+    if config.model.head == "zeroshot":
+        return rows, head
+    feats = features_all(model, theta0, images, config.eval.batch_size)
+    proto = np.asarray(heads.prototype_rows(feats, labels, np.asarray(classes)), np.float32)
+    rows = rows.at[np.asarray(classes)].set(proto)
+    if config.model.head == "linear":
+        head = {
+            "w": head["w"].at[np.asarray(classes)].set(proto * config.model.head_scale),
+            "b": head["b"],
+        }
+    return rows, head
