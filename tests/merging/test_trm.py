@@ -18,6 +18,8 @@ import pytest
 from trm_jax.errors import ConfigError, DataError, TrainingError
 from trm_jax.merging import task_vectors as tv
 from trm_jax.merging import trm
+from trm_jax.merging.trm.merge import _BatchCache
+from trm_jax.merging.trm.objectives import _probe_loss
 
 DIM, HIDDEN, CLASSES, PER_CLASS, BATCH = 8, 16, 6, 64, 32
 TASK, OLD = np.array([2, 3]), np.array([0, 1])
@@ -336,7 +338,7 @@ def test_grad_sq_norm_backward_equals_reverse_over_reverse(stream):
     """The Hessian-vector-product backward of grad_sq_norm against plain autodiff."""
     batch = stream["batches"][0]
     data = (batch["image"], batch["label"], jnp.arange(CLASSES), None)
-    loss = functools.partial(trm._probe_loss, apply_fn)
+    loss = functools.partial(_probe_loss, apply_fn)
 
     def plain(p):
         grads = jax.grad(loss)(p, data)
@@ -459,8 +461,8 @@ def test_chunks_skip_a_ragged_rest(stream):
     """12-example chunks of the four 32-example batches: 8 held, the 4 rests of 8 skipped,
     each held chunk the right slice of its batch."""
     made = []
-    cache = trm._BatchCache(
-        stream["batches"], 0, lambda b, i: made.append(i) or {}, TASK, batch_size=12
+    cache = _BatchCache(
+        stream["batches"], 0, lambda b, i, ctx: made.append(i) or {}, TASK, batch_size=12
     )
     for step in range(9):
         batch, _ = cache.get(step)
