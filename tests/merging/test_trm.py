@@ -18,7 +18,7 @@ import pytest
 from trm_jax.errors import ConfigError, DataError, TrainingError
 from trm_jax.merging import task_vectors as tv
 from trm_jax.merging import trm
-from trm_jax.merging.trm.merge import _BatchCache
+from trm_jax.merging.trm.driver import _BatchCache
 from trm_jax.merging.trm.objectives import _probe_loss
 
 DIM, HIDDEN, CLASSES, PER_CLASS, BATCH = 8, 16, 6, 64, 32

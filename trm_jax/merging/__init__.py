@@ -12,12 +12,11 @@ own keyword hparams (``lam``, ``k``, ``p``, ``key``)::
                                                                     config.merge))
 
 ``merging.running`` holds the O(1)-state forms of average, task_arithmetic and magmax;
-``merging.trm`` (imported on first use) is Trajectory Regularized Merging.
+``merging.trm`` is Trajectory Regularized Merging.
 """
 
 from __future__ import annotations
 
-import importlib
 import inspect
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +25,7 @@ import jax
 import ml_collections
 
 from trm_jax.errors import ConfigError, UnknownNameError
-from trm_jax.merging import running
+from trm_jax.merging import running, trm
 from trm_jax.merging.rules import average, dare, magmax, randmix, task_arithmetic, ties
 from trm_jax.merging.task_vectors import (
     NonFiniteError,
@@ -106,13 +105,6 @@ def default_config() -> ml_collections.ConfigDict:
     config.p = 0.9  # DARE: drop probability
     config.seed = 0  # DARE / RandMix randomness
     return config
-
-
-def __getattr__(name: str) -> Any:
-    # `merging.trm` is imported on first use: it pulls in optax and the objectives.
-    if name == "trm":
-        return importlib.import_module(f"{__name__}.trm")
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = [

@@ -8,29 +8,18 @@
   ``L_ewc = 1/2 * sum_i F_i (theta_i - theta*_i)^2`` (weight 1e6; the Fisher here is the
   mean of squared per-batch gradients, accumulated over the tasks seen so far).
 
-The methods ``seq_ft``, ``joint`` and ``zeroshot`` need no loss term; ``continual.py``
-implements them (``METHODS`` below lists every non-merge method it knows).
+The method plug-ins that use them are ``runner/methods/lwf.py`` and ``ewc.py``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-PyTree = Any
-
-# Non-merge methods of the runner: name -> one-line description (the merge rules come
-# from ``merging.MERGERS`` plus ``trm``).
-METHODS = {
-    "seq_ft": "sequential fine-tuning, no merge (theta_bar_t = theta_t)",
-    "lwf": "sequential fine-tuning + LwF distillation on old-class logits",
-    "ewc": "sequential fine-tuning + EWC diagonal-Fisher penalty",
-    "joint": "upper bound: after task t, fine-tune theta_0 on the data of tasks 1..t at once",
-    "zeroshot": "theta_0 with the frozen head, no fine-tuning",
-}
+from trm_jax import losses
+from trm_jax.tree_util import PyTree
 
 
 def lwf_loss(
@@ -38,13 +27,7 @@ def lwf_loss(
 ) -> jax.Array:
     """``T^2 * KL(p_teacher || p_student)`` over the classes in ``old_mask`` (mean over
     the batch). Zero when no class is old (the first task)."""
-    big_neg = -1e9
-    zt = jnp.where(old_mask[None], teacher_logits / temperature, big_neg)
-    zs = jnp.where(old_mask[None], logits / temperature, big_neg)
-    pt = jax.nn.softmax(zt)
-    kl = jnp.where(old_mask[None], pt * (jax.nn.log_softmax(zt) - jax.nn.log_softmax(zs)), 0.0)
-    kl = kl.sum(-1).mean()
-    return jnp.where(old_mask.any(), temperature**2 * kl, 0.0)
+    return losses.tempered_kl(teacher_logits, logits, temperature, old_mask)
 
 
 def ewc_penalty(params: PyTree, anchor: PyTree, fisher: PyTree) -> jax.Array:

@@ -41,11 +41,10 @@ every merge of a stream. Nothing here knows about models: only pytrees and a pur
 The package is split along those lines: :mod:`.config` (fields, defaults, validation),
 :mod:`.subspace` (directions, coefficient groups, theta(alpha)), :mod:`.objectives` (the
 objective functions and their registries), :mod:`.step` (the jitted step and per-batch
-targets) and :mod:`.merge` (the driver). Every public name is re-exported here; the
-registries are the single dict objects the validation and the step read, so
-``trm.ALIGN['mine'] = fn`` makes ``config.align = 'mine'`` valid and used. ``trm.merge`` is
-the function (it shadows the submodule of the same name; import private helpers with
-``from trm_jax.merging.trm.merge import ...``). "The reference formulation" throughout is
+targets) and :mod:`.driver` (``merge``, the orchestration). Every public name is re-exported
+here; the registries are the single dict objects the validation and the step read, so
+``trm.ALIGN['mine'] = fn`` makes ``config.align = 'mine'`` valid and used. "The reference
+formulation" throughout is
 the one in docs/method.md.
 """
 
@@ -60,7 +59,7 @@ from trm_jax.merging.trm.config import (
     default_config,
     validate_config,
 )
-from trm_jax.merging.trm.merge import make_context, merge
+from trm_jax.merging.trm.driver import make_context, merge
 from trm_jax.merging.trm.objectives import (
     ALIGN,
     CONSISTENCY,
