@@ -1,6 +1,6 @@
 """Continual-learning metrics: the accuracy matrix and everything derived from it.
 
-Notation (method.md section 6): ``A[t, j]`` is the accuracy after training task ``t``
+Notation (docs/metrics.md): ``A[t, j]`` is the accuracy after training task ``t``
 (row) on the test data of task ``j`` (column), for ``j <= t``; entries above the diagonal
 (tasks not seen yet) are NaN. ``n_j`` is the number of test examples of task ``j``.
 Rows and columns are 0-based here; formulas in the README use 1-based ``t = 1..T``.

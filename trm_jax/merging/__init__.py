@@ -97,7 +97,7 @@ def _field(config: ml_collections.ConfigDict, field: str, name: str) -> Any:
 
 
 def default_config() -> ml_collections.ConfigDict:
-    """Every field ``hparams_for`` reads, with the defaults of method.md section 5."""
+    """Every field ``hparams_for`` reads, with the defaults of docs/methods.md."""
     config = ml_collections.ConfigDict()
     config.method = "magmax"  # a MERGERS name (the runner adds 'trm' and 'none')
     config.lam = 0.5  # scale of the merged task vector (MagMax 0.5, TIES 0.55)
