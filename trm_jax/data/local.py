@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import gzip
+import hashlib
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -21,7 +22,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from trm_jax.errors import DataError
+from trm_jax.errors import ConfigError, DataError
 
 # Debian's `dataset-fashion-mnist` package installs the four IDX files here.
 DEBIAN_FASHION_MNIST = "/usr/share/datasets/fashion-mnist"
@@ -31,6 +32,9 @@ NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 NPZ_OPTIONAL_KEYS = ("class_names",)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+# How the `folder` source splits a flat class-folder tree (no train/ and test/ folders).
+FOLDER_TEST_SPLITS = ("carve", "path_hash")
 
 # IDX file names, MNIST convention (also used by Fashion-MNIST, KMNIST, EMNIST).
 IDX_FILES = {
@@ -281,15 +285,53 @@ def _list_images(directory: str) -> list[str]:
     )
 
 
-def _read_folder_split(
-    root: str, folders: Sequence[str], channels: int, size: int, threads: int = 4
-) -> tuple[np.ndarray, np.ndarray]:
+def path_hash_unit(relative_path: str) -> float:
+    """A file's fixed point in [0, 1): the first 8 bytes of the SHA-256 of its relative
+    path (``'<class folder>/<file name>'``, UTF-8, ``/`` separators) over 2**64."""
+    digest = hashlib.sha256(relative_path.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def path_hash_split(
+    relative_paths: Sequence[str], labels: Sequence[int], fraction: float
+) -> np.ndarray:
+    """Which files are test (bool ``[N]``) under the ``path_hash`` rule.
+
+    Per class, its files sorted by ``(path_hash_unit(path), path)``; the first
+    ``round(fraction * n)`` (at least 1 and at most ``n - 1`` when ``fraction > 0`` and
+    ``n >= 2``: the count ``tasks.carve`` uses) go to test. The rule reads the names
+    alone, so every copy of the data (this folder, a re-extracted archive, TFDS's
+    ``file_name`` feature) splits the same way: no seed, listing order or generator.
+    """
+    labels = np.asarray(labels)
+    is_test = np.zeros(len(labels), bool)
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        n = len(idx)
+        k = 0 if fraction <= 0 or n < 2 else min(max(int(np.floor(fraction * n + 0.5)), 1), n - 1)
+        ranked = sorted(idx, key=lambda i: (path_hash_unit(relative_paths[i]), relative_paths[i]))
+        is_test[ranked[:k]] = True
+    return is_test
+
+
+def _folder_files(root: str, folders: Sequence[str]) -> tuple[list[str], list[int]]:
     paths, labels = [], []
     for label, folder in enumerate(folders):
         files = _list_images(os.path.join(root, folder))
         paths += files
         labels += [label] * len(files)
+    return paths, labels
 
+
+def _read_folder_split(
+    root: str, folders: Sequence[str], channels: int, size: int, threads: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
+    return _read_files(*_folder_files(root, folders), channels, size, threads)
+
+
+def _read_files(
+    paths: Sequence[str], labels: Sequence[int], channels: int, size: int, threads: int = 4
+) -> tuple[np.ndarray, np.ndarray]:
     def load(path: str) -> np.ndarray:
         return fit_image(decode_image(path, channels), size)
 
@@ -304,10 +346,14 @@ def load_folder(benchmark: Any, config: Any) -> RawData:
     """The ``folder`` source: one sub-folder per class, images decoded with PIL.
 
     Layout: ``path/train/<class>/*`` and ``path/test/<class>/*``, or ``path/<class>/*``
-    alone (ImageNet-R's layout; a test split is then carved). A registered benchmark
-    names its class folders (ImageNet-R: WordNet ids) and every one must exist; the
-    ``custom`` benchmark takes the sorted sub-folder names as its classes. Images are
-    stored at ``stored_size`` (shorter side, centre crop) so memory stays bounded.
+    alone (ImageNet-R's layout). A flat tree is split by ``config.folder_test_split``:
+    ``carve`` leaves it to ``load_stream`` (``test_fraction`` per class, fixed seed, over
+    the sorted listing); ``path_hash`` takes each class's ``test_fraction`` by the SHA-256
+    of ``'<class>/<file>'`` (``path_hash_split``: no seed, no listing order; the split
+    documented for ImageNet-R in docs/data-paper.md). A registered benchmark names its class
+    folders (ImageNet-R: WordNet ids) and every one must exist; the ``custom`` benchmark
+    takes the sorted sub-folder names as its classes. Images are stored at
+    ``stored_size`` (shorter side, centre crop) so memory stays bounded.
     """
     root = config.path
     if not root or not os.path.isdir(root):
@@ -335,6 +381,22 @@ def load_folder(benchmark: Any, config: Any) -> RawData:
         names = tuple(folders)
     size = config.stored_size or benchmark.image_size
     channels = benchmark.channels
+    rule = config.folder_test_split
+    if rule not in FOLDER_TEST_SPLITS:
+        raise ConfigError(
+            f"config.data.folder_test_split {rule!r} not in {', '.join(FOLDER_TEST_SPLITS)}"
+        )
+    if not has_splits and rule == "path_hash":
+        paths, labels = _folder_files(base, folders)
+        relative = [os.path.relpath(p, base).replace(os.sep, "/") for p in paths]
+        is_test = path_hash_split(relative, labels, config.test_fraction)
+        parts = []
+        for want in (False, True):  # train, then test
+            keep = np.flatnonzero(is_test == want)
+            parts += _read_files(
+                [paths[i] for i in keep], [labels[i] for i in keep], channels, size
+            )
+        return RawData(*parts, names)
     train = _read_folder_split(base, folders, channels, size)
     if not has_splits:
         return RawData(*train, None, None, names)

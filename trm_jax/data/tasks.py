@@ -23,12 +23,12 @@ import ml_collections
 import numpy as np
 
 from trm_jax.data import class_names as names
-from trm_jax.data import local
+from trm_jax.data import class_orders, local
 from trm_jax.data import tfds as tfds_source
 from trm_jax.errors import ConfigError, DataError, UnknownNameError
 
 SPLITS = ("train", "val", "test")
-CLASS_ORDERS = ("natural", "shuffled")
+CLASS_ORDERS = ("natural", "shuffled", "magmax")
 
 # Seed tags keep the independent random draws apart (same seed, different purpose).
 _TAG_TEST_CARVE, _TAG_TEST_CAP, _TAG_TRAIN_CAP, _TAG_VAL = 0, 1, 2, 3
@@ -197,11 +197,12 @@ def default_config() -> ml_collections.ConfigDict:
             "download": False,  # let TFDS download and prepare missing data
             "manual_dir": "",  # TFDS manual download dir (Cars)
             "num_tasks": 5,
-            "class_order": "natural",  # 'natural' | 'shuffled' | '3,0,2,...' explicit
+            "class_order": "natural",  # 'natural' | 'shuffled' | 'magmax' | '3,0,2,...' explicit
             "order_seed": 0,  # seed of the 'shuffled' order
             "val_fraction": 0.1,  # per class, carved from train with split_seed
             "split_seed": 0,
             "test_fraction": 0.2,  # per class, for sources without a test split
+            "folder_test_split": "carve",  # flat class folders: 'carve' | 'path_hash' (file names)
             "max_train_per_class": 0,  # 0 = all (val is carved from what is kept)
             "max_test_per_class": 0,  # 0 = all
             "stored_size": 0,  # 0 = the benchmark's size; variable-size images resized to it
@@ -219,22 +220,28 @@ def get_benchmark(name: str) -> Benchmark:
         ) from None
 
 
-def class_order(num_classes: int, kind: str = "natural", seed: int = 0) -> np.ndarray:
+def class_order(
+    num_classes: int, kind: str = "natural", seed: int = 0, benchmark: str = ""
+) -> np.ndarray:
     """Original class ids in stream order (int32 ``[num_classes]``).
 
     ``natural``: 0..C-1. ``shuffled``: ``numpy.random.RandomState(seed).permutation(C)``,
     the same draw as ``np.random.seed(seed); np.random.permutation(C)``, which many
     class-incremental codebases use (so their orders can be reproduced by seed).
+    ``magmax``: the fixed order MagMax uses for ``benchmark`` (``class_orders.get``).
     Anything else is read as an explicit comma-separated permutation of 0..C-1.
     """
     if kind == "natural":
         return np.arange(num_classes, dtype=np.int32)
     if kind == "shuffled":
         return np.random.RandomState(seed).permutation(num_classes).astype(np.int32)
-    try:
-        order = np.array([int(v) for v in str(kind).split(",") if v.strip()], dtype=np.int32)
-    except ValueError:
-        order = None
+    if kind == "magmax":
+        order = np.asarray(class_orders.get(benchmark), dtype=np.int32)
+    else:
+        try:
+            order = np.array([int(v) for v in str(kind).split(",") if v.strip()], dtype=np.int32)
+        except ValueError:
+            order = None
     if order is None or sorted(order.tolist()) != list(range(num_classes)):
         raise ConfigError(
             f"class_order {str(kind)[:40]!r} is neither one of {', '.join(CLASS_ORDERS)} nor "
@@ -420,7 +427,7 @@ def load_stream(config: Any) -> TaskStream:
             uneven=benchmark.uneven_tasks,
             name=benchmark.name,
         )
-        class_order(benchmark.num_classes, config.class_order, config.order_seed)
+        class_order(benchmark.num_classes, config.class_order, config.order_seed, benchmark.name)
     raw = reader(benchmark, config)
 
     num_classes = benchmark.num_classes
@@ -447,7 +454,7 @@ def load_stream(config: Any) -> TaskStream:
     partition = task_partition(
         num_classes, config.num_tasks, uneven=benchmark.uneven_tasks, name=benchmark.name
     )
-    order = class_order(num_classes, config.class_order, config.order_seed)
+    order = class_order(num_classes, config.class_order, config.order_seed, benchmark.name)
 
     # Only references to the big image arrays are held, so no step keeps two full copies.
     train_x, train_y = raw.train_images, raw.train_labels

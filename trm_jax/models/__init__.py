@@ -8,7 +8,8 @@
 ``MODELS`` maps a registry name to a frozen variant config (``vit.ViTConfig`` or
 ``clip.CLIPConfig``); ``get(name, **overrides)`` returns one with fields replaced;
 ``build(model_config, key=)`` turns a ``default_config()``-shaped ConfigDict into a
-``Backbone`` (random init, or the weights of ``model_config.checkpoint``).
+``Backbone`` (random init, or the weights of ``model_config.checkpoint``: a local file or
+an ``hf:<org>/<name>`` hub repository, see ``hub``).
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import jax
 import ml_collections
 
 from trm_jax.errors import ConfigError, UnknownNameError
-from trm_jax.models import clip, common, heads, loaders, tokenizer, vit
+from trm_jax.models import clip, common, heads, hub, loaders, tokenizer, vit
 from trm_jax.models.common import Backbone, count_params
 
 __all__ = [
@@ -28,11 +29,13 @@ __all__ = [
     "Backbone",
     "build",
     "clip",
+    "clip_tokenizer",
     "common",
     "count_params",
     "default_config",
     "get",
     "heads",
+    "hub",
     "init",
     "loaders",
     "make_backbone",
@@ -114,8 +117,12 @@ def default_config() -> ml_collections.ConfigDict:
     variant's own value.
 
     name: registry key (``sorted(models.MODELS)``).
-    checkpoint: weights file ('' = random init): a ViT ``.npz`` or a CLIP ``model.safetensors``.
-    checkpoint_format: 'auto' (by file suffix) | 'npz' | 'safetensors'.
+    checkpoint: weights ('' = random init): a ViT ``.npz`` or a CLIP ``model.safetensors``
+      file, or ``hf:<org>/<name>[@<revision>]``, a hub repository in the transformers
+      layout (``hf:openai/clip-vit-base-patch16``, ``hf:google/vit-base-patch16-224-in21k``)
+      fetched into the Hugging Face cache (``HF_HOME``, ``HF_HUB_OFFLINE`` honoured).
+    checkpoint_format: 'auto' (by file suffix; hub repos are safetensors) | 'npz' |
+      'safetensors'.
     image_size, patch_size, channels: input geometry overrides (position embeddings of a
       checkpoint are resampled to the new grid).
     width, depth, heads, mlp_dim, representation_size: ViT shape overrides (random init;
@@ -123,7 +130,9 @@ def default_config() -> ml_collections.ConfigDict:
     dtype: compute dtype 'float32' | 'bfloat16' (parameters stay float32).
     head: 'prototype' | 'zeroshot' | 'linear'; head_scale: cosine-logit multiplier.
     zeroshot_head: '' or a precomputed ``[C, D]`` rows ``.npy`` (skips the text tower).
-    tokenizer_vocab: CLIP BPE file (``bpe_simple_vocab_16e6.txt.gz``) for zero-shot heads.
+    tokenizer_vocab: CLIP BPE file (``bpe_simple_vocab_16e6.txt.gz``), a folder holding
+      ``vocab.json`` + ``merges.txt``, or ``hf:<org>/<name>``, for zero-shot heads; '' with
+      an ``hf:`` CLIP checkpoint reads the tokenizer files of that repository.
     templates: prompt templates with ``{}`` for the class name.
     """
     return ml_collections.ConfigDict(
@@ -225,6 +234,8 @@ def build(model_config: ml_collections.ConfigDict, *, key: jax.Array) -> Backbon
     path = model_config.checkpoint
     if not path:
         return init(variant, key=key)
+    if hub.is_hub(path):
+        return _build_from_hub(variant, path, model_config.checkpoint_format)
     fmt = _format(path, model_config.checkpoint_format)
     wanted = {"vit": "npz", "clip": "safetensors"}[variant.family]
     if fmt != wanted:
@@ -239,19 +250,50 @@ def build(model_config: ml_collections.ConfigDict, *, key: jax.Array) -> Backbon
     return make_backbone(weights.variant, weights.params, weights.text_params)
 
 
+def _build_from_hub(variant, spec: str, fmt: str) -> Backbone:
+    """A hub repository in the transformers layout: ``model.safetensors`` + ``config.json``
+    (CLIP also its tokenizer files, fetched together so later offline runs have them)."""
+    if fmt not in ("auto", "safetensors"):
+        raise ConfigError(f"{spec} is read as model.safetensors; set checkpoint_format='auto'")
+    files = hub.resolve(spec, hub.files_for(variant.family))
+    loaders.check_hf_config(loaders.read_hf_config(files["config.json"]), variant.family, spec)
+    weights = files["model.safetensors"]
+    if variant.family == "vit":
+        return make_backbone(variant, loaders.load_vit_safetensors(weights, variant))
+    loaded = loaders.load_clip_safetensors(weights, variant)
+    return make_backbone(loaded.variant, loaded.params, loaded.text_params)
+
+
+def clip_tokenizer(model_config: ml_collections.ConfigDict) -> tokenizer.ClipTokenizer:
+    """The CLIP tokenizer ``model_config`` names: ``tokenizer_vocab`` (a BPE file, a folder
+    with ``vocab.json`` + ``merges.txt``, or ``hf:<repo>``), else the tokenizer files of an
+    ``hf:`` checkpoint's repository."""
+    spec = model_config.tokenizer_vocab
+    if not spec and hub.is_hub(model_config.checkpoint):
+        spec = model_config.checkpoint
+    if not spec:
+        raise ConfigError(
+            "a zero-shot head needs model.zeroshot_head (.npy rows), model.tokenizer_vocab "
+            "(bpe_simple_vocab_16e6.txt.gz) or an hf: CLIP checkpoint (its vocab.json, merges.txt)"
+        )
+    if hub.is_hub(spec):
+        files = hub.resolve(spec, hub.TOKENIZER_FILES)
+        return tokenizer.ClipTokenizer(files["merges.txt"], vocab_json=files["vocab.json"])
+    path = os.path.expanduser(spec)
+    if os.path.isdir(path):
+        vocab_json, merges = (os.path.join(path, name) for name in hub.TOKENIZER_FILES)
+        return tokenizer.ClipTokenizer(merges, vocab_json=vocab_json)
+    return tokenizer.ClipTokenizer(path)
+
+
 def zeroshot_head(backbone: Backbone, class_names, model_config: ml_collections.ConfigDict):
     """Zero-shot rows ``[C, D]``: from ``model_config.zeroshot_head`` (.npy) when set, else
-    from the CLIP text tower with ``tokenizer_vocab`` and ``templates``."""
+    from the CLIP text tower with ``clip_tokenizer(model_config)`` and ``templates``."""
     if model_config.zeroshot_head:
         return heads.load_rows(
             model_config.zeroshot_head,
             num_classes=len(class_names),
             feature_dim=backbone.feature_dim,
         )
-    if not model_config.tokenizer_vocab:
-        raise ConfigError(
-            "a zero-shot head needs model.zeroshot_head (.npy rows) or "
-            "model.tokenizer_vocab (bpe_simple_vocab_16e6.txt.gz)"
-        )
-    tok = tokenizer.ClipTokenizer(model_config.tokenizer_vocab)
+    tok = clip_tokenizer(model_config)
     return heads.zeroshot_rows(backbone, class_names, tuple(model_config.templates), tok)

@@ -5,24 +5,31 @@
   AugReg files ``B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz``.
 - ``load_clip_safetensors``: Hugging Face ``model.safetensors`` of a ``CLIPModel``
   (``openai/clip-vit-base-patch16`` layout), read with ``safetensors.numpy``.
+- ``load_vit_safetensors``: Hugging Face ``model.safetensors`` of a ``ViTModel``
+  (``google/vit-base-patch16-224-in21k`` layout: the ImageNet-21k ViT converted from the
+  same ``.npz``, its ``pre_logits`` as the ``pooler``).
 
 Each compares the file's names and shapes with the variant's (computed with
 ``jax.eval_shape``, nothing allocated) and raises ``CheckpointError`` listing every
 missing, extra and mis-shaped key. The only changes a loader makes are named here:
 the position embedding is resampled when the file's patch grid differs from the
 variant's image size; arrays are cast to float32; the npz ``head`` (the 21k-class
-classifier) and the HF ``position_ids`` buffers (constant ``arange``s that old
-transformers versions serialised) are dropped by name, because they are not backbone
-parameters; an npz saved inside an optimizer state (keys under ``opt/target/``) is
-read from that prefix.
+classifier), the HF ViT ``classifier`` and the HF ``position_ids`` buffers (constant
+``arange``s that old transformers versions serialised) are dropped by name, because they
+are not backbone parameters; an npz saved inside an optimizer state (keys under
+``opt/target/``) is read from that prefix, an HF ViT with a task head from ``vit.``.
 
-``save_vit_npz``, ``save_clip_safetensors`` and ``create_checkpoint`` write the same
-layouts, for offline tests and for exporting fine-tuned or merged models.
+``save_vit_npz``, ``save_vit_safetensors``, ``save_clip_safetensors`` and
+``create_checkpoint`` write the same layouts, for offline tests and for exporting
+fine-tuned or merged models; ``read_hf_config`` and ``check_hf_config`` read and check
+the ``config.json`` next to an HF file.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import zipfile
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -136,6 +143,193 @@ def save_vit_npz(
         flat.update({f"head/{k}": np.asarray(v) for k, v in head.items()})
     with open(path, "wb") as f:
         np.savez(f, **flat)
+
+
+# -------------------------------------------------------------------- HF ViT safetensors
+
+# The task head of a ViTForImageClassification file: not part of the backbone.
+HF_VIT_HEAD_KEYS = ("classifier.weight", "classifier.bias")
+_HF_VIT_POSEMB = "embeddings.position_embeddings"
+_HF_VIT_TOP = {
+    "cls": "embeddings.cls_token",
+    "embedding": "embeddings.patch_embeddings.projection",
+    _NPZ_POSEMB: _HF_VIT_POSEMB,
+    "Transformer/encoder_norm": "layernorm",
+    "pre_logits": "pooler.dense",
+}
+_HF_VIT_BLOCK = {
+    "LayerNorm_0": "layernorm_before",
+    "LayerNorm_2": "layernorm_after",
+    "MultiHeadDotProductAttention_1/query": "attention.attention.query",
+    "MultiHeadDotProductAttention_1/key": "attention.attention.key",
+    "MultiHeadDotProductAttention_1/value": "attention.attention.value",
+    "MultiHeadDotProductAttention_1/out": "attention.output.dense",
+    "MlpBlock_3/Dense_0": "intermediate.dense",
+    "MlpBlock_3/Dense_1": "output.dense",
+}
+# transformers >= 5 names ViTModel's block parameters like its other encoders; a file it
+# wrote that way is read through these renames to the names every published file uses.
+_HF_VIT_V5 = (
+    (r"^layers\.(\d+)\.", r"encoder.layer.\1."),
+    (r"\.attention\.q_proj\.", ".attention.attention.query."),
+    (r"\.attention\.k_proj\.", ".attention.attention.key."),
+    (r"\.attention\.v_proj\.", ".attention.attention.value."),
+    (r"\.attention\.o_proj\.", ".attention.output.dense."),
+    (r"\.mlp\.fc1\.", ".intermediate.dense."),
+    (r"\.mlp\.fc2\.", ".output.dense."),
+)
+
+
+def _hf_vit_name(name: str) -> str:
+    """Our flat (npz) ViT name -> the transformers ``ViTModel`` state-dict key."""
+    if name in _HF_VIT_TOP:
+        return _HF_VIT_TOP[name]
+    module, leaf = name.rsplit("/", 1)
+    block = re.match(r"Transformer/encoderblock_(\d+)/(.+)$", module)
+    prefix = f"encoder.layer.{block[1]}.{_HF_VIT_BLOCK[block[2]]}" if block else _HF_VIT_TOP[module]
+    return f"{prefix}.{'bias' if leaf == 'bias' else 'weight'}"
+
+
+def _hf_vit_shape(name: str, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of our ``name`` in the transformers layout (torch ``[out, in]`` linears)."""
+    if name.endswith("/kernel"):
+        if len(shape) == 4:  # HWIO -> OIHW
+            return (shape[3], shape[2], shape[0], shape[1])
+        if "/out/" in name:  # [H, D/H, D] -> [D, D]
+            return (shape[-1], int(np.prod(shape[:-1])))
+        return (int(np.prod(shape[1:])), shape[0])  # [D, H, D/H] or [in, out] -> [out, in]
+    if name.endswith("/bias") and len(shape) == 2:  # [H, D/H] -> [D]
+        return (int(np.prod(shape)),)
+    return shape
+
+
+def _vit_to_hf(name: str, value: np.ndarray) -> np.ndarray:
+    if name.endswith("/kernel"):
+        if value.ndim == 4:
+            return value.transpose(3, 2, 0, 1)
+        if "/out/" in name:
+            return value.reshape(-1, value.shape[-1]).T
+        return value.reshape(value.shape[0], -1).T
+    return value.reshape(_hf_vit_shape(name, value.shape))
+
+
+def _vit_from_hf(name: str, value: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if name.endswith("/kernel"):
+        return value.transpose(2, 3, 1, 0) if len(shape) == 4 else value.T.reshape(shape)
+    return value.reshape(shape)
+
+
+def _hf_vit_canonical(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Published ``ViTModel`` names: ``vit.`` prefix and ``classifier.*`` of an image
+    classifier removed, transformers-5 block names renamed."""
+    tensors = {k: v for k, v in tensors.items() if k not in HF_VIT_HEAD_KEYS}
+    if "vit.embeddings.cls_token" in tensors:
+        tensors = {k.removeprefix("vit."): v for k, v in tensors.items()}
+    out = {}
+    for key, value in tensors.items():
+        if key.startswith("layers."):
+            for pattern, repl in _HF_VIT_V5:
+                key = re.sub(pattern, repl, key)
+        out[key] = value
+    return out
+
+
+def load_vit_safetensors(path: str, variant: vit.ViTConfig) -> common.PyTree:
+    """Parameters of ``variant`` from a Hugging Face ``ViTModel`` ``model.safetensors``.
+
+    The same pytree ``load_vit_npz`` gives for the same weights (published npz names,
+    float32): torch ``[out, in]`` linears are transposed and the attention projections
+    split into heads; ``pooler.dense`` is ``pre_logits`` (``representation_size`` must
+    be its width). The position embedding is resampled as in ``load_vit_npz``. The
+    forward pass stays this library's (tanh GELU, LayerNorm epsilon 1e-6, as in the JAX
+    code the weights were trained with), whatever ``config.json`` says.
+    """
+    tensors = _hf_vit_canonical(read_safetensors(path))
+    ours = {k: tuple(v.shape) for k, v in common.flatten(vit.param_shapes(variant)).items()}
+    by_hf = {_hf_vit_name(k): k for k in ours}
+    expected = {hf: _hf_vit_shape(k, ours[k]) for hf, k in by_hf.items()}
+    found = _shapes(tensors)
+    posemb = found.get(_HF_VIT_POSEMB)
+    resample = (
+        posemb is not None
+        and len(posemb) == 3
+        and posemb[0] == 1
+        and posemb[2] == variant.width
+        and _square_grid(posemb[1]) is not None
+        and posemb != expected[_HF_VIT_POSEMB]
+    )
+    if resample:
+        found[_HF_VIT_POSEMB] = expected[_HF_VIT_POSEMB]
+    hints = []
+    pooler = found.get("pooler.dense.weight")
+    if pooler is not None and not variant.representation_size:
+        hints.append(
+            f"the file has a pooler (pre_logits) layer: set representation_size={pooler[0]}"
+        )
+    emb = found.get("embeddings.patch_embeddings.projection.weight")
+    if emb is not None and len(emb) == 4 and emb[1] != variant.channels:
+        hints.append(f"the file's patch embedding takes {emb[1]} input channels: set channels")
+    common.check_keys(
+        expected,
+        found,
+        source=path,
+        target=f"ViT variant {variant.name!r} ({variant.image_size} px)",
+        hint="; ".join(hints),
+    )
+    flat = {}
+    for hf_key, name in by_hf.items():
+        value = np.asarray(tensors[hf_key], np.float32)
+        if hf_key == _HF_VIT_POSEMB and resample:
+            value = np.asarray(common.resample_posemb(value, variant.grid))
+        flat[name] = _vit_from_hf(name, value, ours[name])
+    return _to_jax(flat)
+
+
+def save_vit_safetensors(path: str, params: common.PyTree) -> None:
+    """Write ViT ``params`` as a transformers ``ViTModel`` ``model.safetensors``
+    (the published names; ``pre_logits`` as ``pooler.dense``)."""
+    from safetensors.numpy import save_file
+
+    flat = common.flatten(params)
+    save_file(
+        {
+            _hf_vit_name(k): np.array(_vit_to_hf(k, np.asarray(v, np.float32)), order="C")
+            for k, v in flat.items()
+        },
+        path,
+    )
+
+
+def read_hf_config(path: str) -> dict[str, Any]:
+    """A transformers ``config.json`` as a dict (``CheckpointError`` if absent or bad)."""
+    _exists(path, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read {path}: {err}") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path} is not a JSON object")
+    return config
+
+
+def check_hf_config(config: Mapping[str, Any], family: str, source: str) -> None:
+    """Raise ``CheckpointError`` unless ``config`` describes a model of ``family``.
+
+    The weights' names and shapes are checked by the loaders; this catches a repository
+    of another model type (its ``model_type``) and, for CLIP, an activation other than
+    OpenAI's ``quick_gelu``.
+    """
+    model_type = config.get("model_type")
+    if model_type is not None and model_type != family:
+        raise CheckpointError(
+            f"{source} holds a {model_type!r} model, not a {family!r} one (its config.json)"
+        )
+    if family == "clip":
+        try:
+            clip_variant_from_hf_config(config)
+        except (KeyError, TypeError) as err:
+            raise CheckpointError(f"{source} is not a CLIPModel config.json (no {err})") from None
 
 
 # ------------------------------------------------------------------- HF CLIP safetensors

@@ -6,6 +6,11 @@ then one merge per line (``"t h"``, ``"th e</w>"``, ...), best first. The vocabu
 (the first 48,894 merges, as in CLIP), then ``<|startoftext|>`` and ``<|endoftext|>``:
 49,408 ids for the real file, with end-of-text the last id.
 
+Hugging Face CLIP repositories (``openai/clip-vit-base-patch16``) publish the same
+merges as plain-text ``merges.txt`` and the token -> id table as ``vocab.json``;
+``ClipTokenizer(merges_txt, vocab_json=...)`` reads that pair, taking the ids from
+``vocab.json`` as transformers does (they equal the ids derived from the merges).
+
 Text cleaning follows CLIP without its ``ftfy`` dependency: Unicode NFC, HTML entities
 unescaped twice, whitespace runs collapsed, lower case. (``ftfy`` also repairs
 mojibake; class names and prompt templates do not need it.)
@@ -16,6 +21,7 @@ from __future__ import annotations
 import functools
 import gzip
 import html
+import json
 import os
 import unicodedata
 from collections import Counter
@@ -81,19 +87,50 @@ def _merge_word(word: tuple[str, ...], first: str, second: str) -> tuple[str, ..
     return tuple(out)
 
 
+def _vocab(merges: Sequence[tuple[str, str]]) -> list[str]:
+    """Tokens in id order: byte symbols, the same with ``</w>``, one per merge, SOT, EOT."""
+    symbols = list(bytes_to_unicode().values())
+    return symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + [SOT, EOT]
+
+
+def _read_vocab_json(path: str) -> dict[str, int]:
+    """The token -> id table of a Hugging Face ``vocab.json`` (``CheckpointError`` if bad)."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"CLIP tokenizer vocab.json not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            table = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"cannot read CLIP tokenizer vocab {path}: {err}") from None
+    if not isinstance(table, dict) or not all(isinstance(v, int) for v in table.values()):
+        raise CheckpointError(f"{path} is not a token -> id JSON object")
+    return table
+
+
 class ClipTokenizer:
     """Text -> CLIP token ids, from the BPE merges file at ``vocab_path``.
 
     ``tokenizer(texts)`` returns ``int32 [N, context_length]``: start-of-text, the BPE
     ids, end-of-text, zero padding; over-long texts are truncated and still end with
     end-of-text (open_clip's behaviour). ``.gz`` files are decompressed; plain text works too.
+    With ``vocab_json`` (a Hugging Face ``vocab.json``; ``vocab_path`` is then its
+    ``merges.txt``) the ids come from that table, which must hold every token the merges
+    can produce.
     """
 
-    def __init__(self, vocab_path: str, *, context_length: int = 77, max_merges: int = MAX_MERGES):
+    def __init__(
+        self,
+        vocab_path: str,
+        *,
+        context_length: int = 77,
+        max_merges: int = MAX_MERGES,
+        vocab_json: str | None = None,
+    ):
         if not os.path.isfile(vocab_path):
             raise CheckpointError(
                 f"CLIP tokenizer vocab not found: {vocab_path} (it is open_clip's "
-                "bpe_simple_vocab_16e6.txt.gz, shipped with the open_clip and CLIP packages)"
+                "bpe_simple_vocab_16e6.txt.gz, shipped with the open_clip and CLIP packages, "
+                "or the merges.txt of a Hugging Face CLIP repository)"
             )
         opener = gzip.open if vocab_path.endswith(".gz") else open
         try:
@@ -108,16 +145,23 @@ class ClipTokenizer:
                 f"{vocab_path} is not a CLIP BPE merges file (a '#version' header, then one "
                 f"'a b' merge per line); offending lines: {bad[:3] or lines[:1]}"
             )
-        symbols = list(bytes_to_unicode().values())
-        vocab = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges]
-        vocab += [SOT, EOT]
-        self.encoder = {token: i for i, token in enumerate(vocab)}
-        self.decoder = dict(enumerate(vocab))
+        vocab = _vocab(merges)
+        if vocab_json is None:
+            self.encoder = {token: i for i, token in enumerate(vocab)}
+        else:
+            self.encoder = _read_vocab_json(vocab_json)
+            absent = [t for t in vocab if t not in self.encoder]
+            if absent:
+                raise CheckpointError(
+                    f"{vocab_json} lacks {len(absent)} tokens of {vocab_path} "
+                    f"(e.g. {absent[:3]}): the two files are not one tokenizer"
+                )
+        self.decoder = {i: token for token, i in self.encoder.items()}
         self.bpe_ranks = {merge: i for i, merge in enumerate(merges)}
         self.context_length = context_length
         self.sot_token_id = self.encoder[SOT]
         self.eot_token_id = self.encoder[EOT]
-        self.vocab_size = len(vocab)
+        self.vocab_size = max(self.encoder.values()) + 1
         self._cache = {SOT: SOT, EOT: EOT}
 
     def bpe(self, token: str) -> list[str]:
@@ -194,3 +238,14 @@ def write_vocab(path: str, merges: Sequence[tuple[str, str]]) -> None:
     opener = gzip.open if path.endswith(".gz") else open
     with opener(path, "wt", encoding="utf-8") as f:
         f.write(text)
+
+
+def write_hf_vocab(directory: str, merges: Sequence[tuple[str, str]]) -> tuple[str, str]:
+    """Write ``merges`` as a Hugging Face CLIP tokenizer pair in ``directory``:
+    ``vocab.json`` (token -> id) and ``merges.txt``; returns ``(vocab_json, merges_txt)``."""
+    vocab_json = os.path.join(directory, "vocab.json")
+    merges_txt = os.path.join(directory, "merges.txt")
+    with open(vocab_json, "w", encoding="utf-8") as f:
+        json.dump({token: i for i, token in enumerate(_vocab(merges))}, f, ensure_ascii=False)
+    write_vocab(merges_txt, merges)
+    return vocab_json, merges_txt
