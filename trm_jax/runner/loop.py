@@ -167,7 +167,7 @@ def _finetune(job: Run, task: Task, training, ctx, head):
         progress=cfg.debug.progress,
     )
     theta_t, head = res.state.params["backbone"], res.state.params["head"]
-    finetuned = Finetuned(theta_t, res.snapshots, head, ctx, training)
+    finetuned = Finetuned(theta_t, res.snapshots, head, ctx, training, res.state.opt_state)
     return finetuned, res.onset_grad_norm, res.losses.tolist(), res.seconds
 
 
@@ -175,9 +175,9 @@ def _evaluate(job: Run, t: int, merged: PyTree, rows, head) -> tuple[np.ndarray,
     """Task-agnostic and task-aware accuracy of ``merged`` on tasks 0..t."""
     sets = job.eval_sets[: t + 1]
     logits = train.predict_all(
-        job.model.predict,
+        job.method.predict(job.config, job.model),
         {"backbone": merged, "head": head},
-        {"rows": rows},
+        {"rows": rows, **job.method.eval_ctx(job.config, job.theta0)},
         np.concatenate([s[0] for s in sets]),
         job.config.eval.batch_size,
         place=job.place.images,

@@ -9,6 +9,7 @@ A method is one object of a ``Method`` subclass, registered by name in
 2. ``step(config, model)``: the optimiser, loss and jitted train step (the shared step
    with the method's ``loss_terms``, unless the method brings its own);
 3. ``merge(task, carry, finetuned)``: theta_bar_t and the method's new persisted state;
+4. ``predict(config, model)`` and ``eval_ctx``: how theta_bar_t is evaluated;
 
 and, around them, the declarations ``finetunes`` (False: no training at all), ``merges``
 (a merge of models: ``merge.chain`` and ``merge.include``/``exclude`` apply and theta_0
@@ -77,6 +78,7 @@ class Finetuned(NamedTuple):
     head: PyTree  # the trainable head after the task
     ctx: dict  # the loss inputs the task trained with
     training: Training
+    opt_state: Any = None  # the optimiser state at theta_t (e.g. Adam's moments)
 
 
 class Method:
@@ -106,6 +108,16 @@ class Method:
             config, model, config.train, self.loss_terms(config)
         )
         return opt, loss_fn, step_fn
+
+    def predict(self, config, model: Model):
+        """Jitted ``predict(params, images, ctx) -> logits`` used for evaluation (a method
+        that trains another function of the parameters, such as a linearised model,
+        evaluates that function)."""
+        return model.predict
+
+    def eval_ctx(self, config, theta0: PyTree) -> dict:
+        """Extra inputs of ``predict`` beyond the head rows (e.g. a linearisation point)."""
+        return {}
 
     def num_snapshots(self, config) -> int:
         return 1
