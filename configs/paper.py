@@ -9,11 +9,14 @@ Benchmarks (MagMax's epochs per task): ``cifar100`` (10), ``imagenet_r`` (10),
 ``cub200`` (30), ``cars196`` (30); any task count the class count allows. A third field
 overrides the epochs: ``configs/paper.py:cifar100,20,5``.
 
-Weights: OpenAI CLIP ViT-B/16 as a Hugging Face ``model.safetensors`` plus the CLIP BPE
-vocabulary, found under ``$TRM_JAX_WEIGHTS`` (default ``~/.cache/trm_jax/weights``):
-``clip_vit_b16/model.safetensors`` and ``bpe_simple_vocab_16e6.txt.gz``. Data: TFDS
-(``data.data_dir``; ``--config.data.download=True`` lets TFDS fetch what it can). Where
-they are absent the run stops with one line saying what is missing and how to get it.
+Weights: OpenAI CLIP ViT-B/16 from the Hugging Face hub (``hf:openai/clip-vit-base-patch16``,
+its safetensors and tokenizer files, in the hub's usual cache; ``HF_HUB_OFFLINE=1`` runs
+from the cache alone). Class orders: the fixed lists of MagMax's published code
+(``data.class_order='magmax'``; Cars in natural order). Data: TFDS, downloaded where TFDS can
+(CIFAR-100, CUB-200); Cars needs its archives in ``data.manual_dir``; ImageNet-R is read from
+an image folder (``$TRM_JAX_DATA/imagenet-r``, default ``~/data/imagenet-r``) with the fixed,
+seed-independent ``path_hash`` test split (docs/data-paper.md). Where something is absent
+the run stops with one line saying what is missing and how to get it.
 """
 
 import os
@@ -21,8 +24,9 @@ import os
 from trm_jax.errors import ConfigError
 from trm_jax.runner import config as base
 
-WEIGHTS = os.environ.get("TRM_JAX_WEIGHTS", "~/.cache/trm_jax/weights")
+DATA = os.path.expanduser(os.environ.get("TRM_JAX_DATA", "~/data"))
 EPOCHS = {"cifar100": 10, "imagenet_r": 10, "cub200": 30, "cars196": 30}
+CLIP = "hf:openai/clip-vit-base-patch16"
 
 
 def get_config(arg: str = "cifar100,10"):
@@ -38,12 +42,17 @@ def get_config(arg: str = "cifar100,10"):
     c.data.source = "tfds"
     c.data.name = name
     c.data.num_tasks = num_tasks
-    c.data.class_order = "shuffled"
-    c.data.order_seed = 1993  # the usual class-incremental order seed
+    c.data.class_order = "magmax"  # MagMax's fixed lists (Cars: natural order)
+    c.data.download = name in ("cifar100", "cub200")  # what TFDS can fetch by itself
     c.data.val_fraction = 0.1
+    if name == "imagenet_r":
+        c.data.source = "folder"
+        c.data.path = os.path.join(DATA, "imagenet-r")
+        c.data.folder_test_split = "path_hash"  # fixed 80/20 split, seed-independent
+        c.data.test_fraction = 0.2
     c.model.name = "clip_vit_b16"
-    c.model.checkpoint = os.path.join(WEIGHTS, "clip_vit_b16", "model.safetensors")
-    c.model.tokenizer_vocab = os.path.join(WEIGHTS, "bpe_simple_vocab_16e6.txt.gz")
+    c.model.checkpoint = CLIP
+    c.model.tokenizer_vocab = ""  # the tokenizer files of the checkpoint's hub repository
     c.model.head = "zeroshot"
     c.model.head_scale = 100.0  # CLIP's logit scale
     # MagMax (Marczak et al. 2024): AdamW 1e-5, wd 0.1, batch 128, cosine, 500 warm-up.

@@ -207,6 +207,7 @@ def test_paper_config_without_data_fails_with_one_line(tmp_path):
     from trm_jax.errors import TRMError
 
     c = _load_config("paper:cifar100,10")
+    c.data.download = False  # no network here: TFDS must not try
     c.data.data_dir = str(tmp_path / "no_tfds_here")
     with pytest.raises(TRMError) as err:
         runner.run(c, str(tmp_path / "run"))
