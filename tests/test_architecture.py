@@ -1,6 +1,6 @@
 """The package's shape, checked from its imports (ast, nothing is run).
 
-Parts: the runner (``runner/``, ``main.py``), merging, models, data, infra
+Parts: the runner (``runner/``, ``main.py``, ``prepare.py``), merging, models, data, infra
 (``sharding``, ``checkpointing``, ``runtime``) and results (``metrics``, ``report``), over
 a neutral bottom layer (``tree_util``, ``io``, ``losses``, ``errors``) that imports none
 of them. No two parts may import each other, and the task loop names no method.
@@ -17,7 +17,7 @@ from trm_jax.runner import methods
 PKG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "trm_jax")
 BOTTOM = {"tree_util", "io", "losses", "errors", "__init__"}
 PARTS = {
-    "runner": {"runner", "main"},
+    "runner": {"runner", "main", "prepare"},
     "merging": {"merging"},
     "models": {"models"},
     "data": {"data"},
