@@ -71,4 +71,5 @@ def get_config(arg: str = "cifar100,10"):
     c.merge.lam = 0.5
     c.pretrain.enabled = False  # CLIP weights are theta_0
     c.eval.batch_size = 256
+    c.log.tensorboard = True  # curves under <workdir>/tensorboard
     return c

@@ -21,6 +21,7 @@ the code reads is declared here (no hidden defaults in the code)::
   ``cache_dir``).
 - ``cl``: LwF / EWC weights.  ``eval``: split and batch size.
 - ``mesh``: ``trm_jax.sharding.default_config()``.  ``debug``: run control.
+- ``log``: training curves (``tensorboard``).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from trm_jax.runner import train
 
 CHAINS = ("finetuned", "merged")
 # Config sections that do not change the result (excluded from the workdir check).
-VOLATILE_FIELDS = ("debug",)
+VOLATILE_FIELDS = ("debug", "log")
 
 
 def debug_config() -> ml_collections.ConfigDict:
@@ -73,6 +74,13 @@ def cl_config() -> ml_collections.ConfigDict:
     return c
 
 
+def log_config() -> ml_collections.ConfigDict:
+    """Training curves (they do not change results: ignored by the workdir check)."""
+    c = ml_collections.ConfigDict()
+    c.tensorboard = False  # per-step loss, lr, grad norm and TRM's terms under workdir/
+    return c
+
+
 def merge_config() -> ml_collections.ConfigDict:
     """``merging.default_config()`` (method, lam, k, p, seed) plus the runner's fields."""
     c = merging.default_config()
@@ -98,4 +106,5 @@ def get_config() -> ml_collections.ConfigDict:
     c.eval = eval_config()
     c.mesh = sharding.default_config()
     c.debug = debug_config()
+    c.log = log_config()
     return c

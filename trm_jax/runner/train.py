@@ -276,9 +276,12 @@ def finetune(
     task: int | str = 0,
     desc: str = "fine-tune",
     progress: bool = True,
+    log: Callable[[int, dict], None] | None = None,
 ) -> FinetuneResult:
     """Run ``num_steps`` steps over ``batch_iter`` (which must yield at least that many
     batches), keeping snapshots of ``state.params['backbone']`` at ``snapshot_steps``.
+    ``log(step, metrics)``, when given, receives every step's metrics (loss, lr,
+    grad_norm and the loss terms), e.g. for TensorBoard.
 
     Raises ``TrainingError`` naming ``task`` and the step on a non-finite loss.
     """
@@ -300,6 +303,8 @@ def finetune(
                 "or check the data (checkpoints are intact)"
             )
         losses.append(loss)
+        if log is not None:
+            log(i, metrics)
         if i < onset_steps:
             norms.append(float(metrics["grad_norm"]))
         if (i + 1) in snap_at:
