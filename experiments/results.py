@@ -55,7 +55,9 @@ def command(argv: list[str] | None = None) -> str:
 def git_commit(root: str = ROOT) -> str:
     """Short hash of HEAD, plus ``+ uncommitted changes`` when the tree is dirty.
 
-    Changes under ``docs/results/`` (the files being written) do not count.
+    Changes to the documentation (``docs/``, ``README.md``, ``mkdocs.yml``: the results
+    files themselves and the README blocks they refresh) do not count: they cannot change
+    what was measured.
     """
 
     def git(*args: str) -> str:
@@ -65,7 +67,15 @@ def git_commit(root: str = ROOT) -> str:
     head = git("rev-parse", "--short", "HEAD")
     if not head:
         return "unknown commit (not a git checkout)"
-    dirty = git("status", "--porcelain", "--", ".", ":(exclude)docs/results")
+    dirty = git(
+        "status",
+        "--porcelain",
+        "--",
+        ".",
+        ":(exclude)docs",
+        ":(exclude)README.md",
+        ":(exclude)mkdocs.yml",
+    )
     return f"{head} + uncommitted changes" if dirty else head
 
 
@@ -88,8 +98,9 @@ def machine() -> str:
     jax = sys.modules.get("jax")
     if jax is not None:
         devices = jax.devices()
-        kind = devices[0].device_kind
-        text += f"; JAX {jax.__version__}, {len(devices)} x {kind} ({devices[0].platform})"
+        kind, backend = devices[0].device_kind, devices[0].platform
+        where = kind if kind == backend else f"{kind} ({backend})"
+        text += f"; JAX {jax.__version__}, {len(devices)} x {where}"
     return text
 
 
