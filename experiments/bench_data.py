@@ -8,6 +8,12 @@ CIFAR-size random uint8 32x32x3 arrays preprocessed to 224 px (a ViT-B/16 input)
 each: the pipeline alone (batches gathered and prefetched by grain threads), and the
 pipeline feeding the jitted train-mode preprocess (random resized crop + flip), timed
 to ``block_until_ready``. Compilation happens before timing.
+
+``--results_name=NAME`` also writes the table to ``docs/results/NAME.md`` with the
+command, commit, machine and date (``experiments/results.py``); the docs show
+``bench_data``:
+
+    python experiments/bench_data.py --batches 30 --results_name=bench_data
 """
 
 from __future__ import annotations
@@ -48,19 +54,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch_size", type=int, default=128)
     parser.add_argument("--batches", type=int, default=20)
+    parser.add_argument(
+        "--results_name", default="", help="also write docs/results/<name>.md ('' = no)"
+    )
     args = parser.parse_args()
+    load_start = os.getloadavg()[0]
     print(
         f"backend={jax.default_backend()} devices={jax.device_count()} cpus={os.cpu_count()} "
-        f"load={os.getloadavg()[0]:.1f}"
+        f"load={load_start:.1f}"
     )
+    rows: list[tuple[str, str]] = []
 
     def report(label: str, images_per_s: float) -> None:
         print(f"{label:36s}{images_per_s:10.0f} img/s")
+        rows.append((label, f"{images_per_s:,.0f} img/s"))
 
     try:
         start = time.perf_counter()
         stream = data.load_stream(data.default_config())
-        print(f"fashion_mnist load_stream: {time.perf_counter() - start:.2f} s")
+        load_s = time.perf_counter() - start
+        print(f"fashion_mnist load_stream: {load_s:.2f} s")
+        rows.append(("fashion_mnist load_stream (gzip IDX, val carve)", f"{load_s:.2f} s"))
         x, y = stream.split("train", range(stream.num_tasks))
         pre = pipeline.make_preprocess(32, 3, "clip")
         n = max(args.batches, len(y) // args.batch_size - 1)
@@ -68,6 +82,7 @@ def main() -> None:
         report("fashion_mnist + preprocess 32 px", _time_pipeline(x, y, args.batch_size, n, pre))
     except DataError as error:
         print(f"fashion_mnist skipped: {error}")
+        rows.append(("fashion_mnist", f"skipped: {error}"))
 
     rng = np.random.default_rng(0)
     n_img = args.batch_size * (args.batches + 2)
@@ -78,6 +93,17 @@ def main() -> None:
     report(
         "cifar-size + preprocess 224 px", _time_pipeline(x, y, args.batch_size, args.batches, pre)
     )
+    if args.results_name:
+        import results
+
+        table = "\n".join(["| case | result |", "|---|---|", *[f"| {a} | {b} |" for a, b in rows]])
+        results.write(
+            args.results_name,
+            f"Input pipeline, batch {args.batch_size}, {args.batches} timed batches per case "
+            f"(Fashion-MNIST: at least one epoch), train-mode preprocess jitted, timed to "
+            f"`block_until_ready`; JAX {jax.default_backend()}, load average "
+            f"{load_start:.1f} at the start.\n\n{table}",
+        )
 
 
 if __name__ == "__main__":

@@ -19,6 +19,10 @@ parameters too). Images are fed at the model resolution, so preprocessing is a r
 
     python experiments/bench_train.py --models=vit_tiny,vit_s16,vit_b16 \
         --image_size=224 --batch_size=128 --steps=20 --dtype=bfloat16
+
+``--results_name=NAME`` also writes the table to ``docs/results/NAME.md`` with the
+command, commit, machine and date (``experiments/results.py``); the docs show
+``bench_train``.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ flags.DEFINE_integer("grad_accum", 1, "Micro-batches per step (train.grad_accum)
 flags.DEFINE_integer("classes", 100, "Classes of the prototype head.")
 flags.DEFINE_integer("matmul_size", 8192, "Side of the square matmul that measures the peak.")
 flags.DEFINE_integer("fsdp", 1, "Size of the parameter-sharding mesh axis.")
+flags.DEFINE_string("results_name", "", "Also write docs/results/<name>.md ('' = no).")
 
 
 # ----------------------------------------------------------------------------- peak
@@ -202,26 +207,39 @@ def main(argv):
     del argv
     dtype = jnp.bfloat16 if FLAGS.dtype == "bfloat16" else jnp.float32
     peak = matmul_peak(FLAGS.matmul_size, dtype)
-    print(
+    setup = (
         f"devices: {describe_devices()}; "
         f"dtype {FLAGS.dtype}; image {FLAGS.image_size or 'native'} px; batch {FLAGS.batch_size}; "
         f"grad_accum {FLAGS.grad_accum}; fsdp {FLAGS.fsdp}"
     )
-    print(f"matmul peak ({FLAGS.matmul_size}^2 x {FLAGS.matmul_size}): {peak / 1e12:.3f} TFLOP/s")
+    peak_line = (
+        f"matmul peak ({FLAGS.matmul_size}^2 x {FLAGS.matmul_size}): {peak / 1e12:.3f} TFLOP/s"
+    )
+    print(setup)
+    print(peak_line)
     header = (
         "| model | image | params (M) | step (s) | images/s | TFLOP/step analytic | TFLOP/step xla "
         "| achieved TFLOP/s | utilisation |"
     )
-    print(header)
-    print("|---" * (header.count("|") - 1) + "|")
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
+    print("\n".join(lines))
     for name in FLAGS.models:
         r = bench_model(name, peak)
-        print(
+        lines.append(
             f"| {r['model']} | {r['image']} | {r['params_M']:.1f} | {r['step_s']:.3f} | "
             f"{r['images_per_s']:.1f} | {r['analytic_tflop']:.4f} | {r['xla_tflop']:.4f} | "
-            f"{r['achieved_tflops']:.3f} | {r['utilisation']:.0%} |",
-            flush=True,
+            f"{r['achieved_tflops']:.3f} | {r['utilisation']:.0%} |"
         )
+        print(lines[-1], flush=True)
+    if FLAGS.results_name:
+        import results
+
+        body = (
+            f"Jitted train step (AdamW, grad-clip, prototype head over {FLAGS.classes} classes), "
+            f"{FLAGS.steps} timed steps after {FLAGS.warmup} warm-up steps; {setup}; "
+            f"{peak_line}; utilisation = achieved / matmul peak."
+        )
+        results.write(FLAGS.results_name, body + "\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

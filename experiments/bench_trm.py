@@ -35,7 +35,9 @@ snapshots of a task (the cost does not depend on the values):
         --merge_batch_size=0 --probe_batch_size=32 --responsiveness_every=1 \
         --max_batches=0 --eval_batches=4 --merge_lr=0.01
 
-It accepts every flag of ``bench_train.py`` (``--image_size``, ``--dtype``, ...).
+It accepts every flag of ``bench_train.py`` (``--image_size``, ``--dtype``, ...), and
+``--results_name=NAME`` writes the table to ``docs/results/NAME.md`` with the command,
+commit, machine and date (``experiments/results.py``).
 """
 
 from __future__ import annotations
@@ -229,7 +231,7 @@ def bench_model(name: str) -> dict:
 def main(argv):
     del argv
     c = merge_config()
-    print(
+    setup = (
         f"devices: {bench_train.describe_devices()}; K={FLAGS.K}; directions "
         f"{FLAGS.direction_dtype}; compute {FLAGS.dtype}; data batch {FLAGS.batch_size}; "
         f"epoch {FLAGS.epoch_images} images; trm steps {c.steps}, lr {c.learning_rate}, "
@@ -237,23 +239,29 @@ def main(argv):
         f"responsiveness_every {c.responsiveness_every}, max_batches "
         f"{c.max_batches or 'steps'}, eval_batches {c.eval_batches or 'all'}"
     )
+    print(setup)
     header = (
         "| model | image | TRM merge (s) | how | first call incl. compile (s) | train step (s) "
         f"| epoch (s) | merge / epoch | merge / {FLAGS.task_epochs} epochs "
         "| merge peak memory (GiB) | over pre-merge (GiB) "
         "| memory source |"
     )
-    print(header)
-    print("|---" * (header.count("|") - 1) + "|")
+    lines = [header, "|---" * (header.count("|") - 1) + "|"]
+    print("\n".join(lines))
     for name in FLAGS.models:
         r = bench_model(name)
-        print(
+        lines.append(
             f"| {r['model']} | {r['image']} | {r['merge_s']:.1f} | {r['how']} | "
             f"{r['first_call_s']:.1f} | {r['step_s']:.3f} | {r['epoch_s']:.1f} | "
             f"{r['ratio']:.1%} | {r['task_ratio']:.1%} | {r['peak_gb']:.2f} | "
-            f"{r['delta_gb']:.2f} | {r['mem_source']} |",
-            flush=True,
+            f"{r['delta_gb']:.2f} | {r['mem_source']} |"
         )
+        print(lines[-1], flush=True)
+    if FLAGS.results_name:
+        import results
+
+        body = f"One TRM merge (random weights) against one fine-tuning epoch; {setup}."
+        results.write(FLAGS.results_name, body + "\n\n" + "\n".join(lines))
 
 
 if __name__ == "__main__":

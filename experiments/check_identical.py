@@ -10,7 +10,9 @@ and compares the accuracy matrices of the two ``metrics.json`` files bit for bit
 writes ``<workdir>/identical.md`` (one row per method) and exits 1 when any differs.
 ``--set a.b=value`` pairs are passed to both runs as config overrides (for instance
 ``--set merge.chain=finetuned``). Both runs use the same pre-training cache directory,
-so theta_0 is trained once when the two trees key it alike.
+so theta_0 is trained once when the two trees key it alike. ``--results_name=NAME``
+also writes the table to ``docs/results/NAME.md`` with the command, commit, machine and
+date (``experiments/results.py``).
 """
 
 from __future__ import annotations
@@ -62,6 +64,9 @@ def main() -> int:
     parser.add_argument("--set", action="append", default=[], help="a.b=value override")
     parser.add_argument("--base_config", default="", help="config path in --base if renamed")
     parser.add_argument("--workdir", default="runs/check_identical")
+    parser.add_argument(
+        "--results_name", default="", help="also write docs/results/<name>.md ('' = no)"
+    )
     args = parser.parse_args()
 
     os.makedirs(args.workdir, exist_ok=True)
@@ -102,6 +107,10 @@ def main() -> int:
     )
     with open(os.path.join(args.workdir, "identical.md"), "w") as f:
         f.write(text)
+    if args.results_name:
+        import results
+
+        results.write(args.results_name, text)
     print(text)
     return 0 if ok else 1
 

@@ -9,7 +9,12 @@ interrupted one resumes); the pre-trained theta_0 comes from the shared cache, s
 trained once. Writes ``<workdir>/compare.md`` (mean ± std over seeds of last accuracy,
 average incremental accuracy, forgetting, onset gradient norm, merge seconds, wall
 seconds per run) and ``<workdir>/compare.png``. ``--config.x=y`` overrides apply to
-every run.
+every run. With ``--results_name=NAME`` the table and the plot are also written to
+``docs/results/NAME.md`` / ``.png`` with the command, commit, machine and date
+(``experiments/results.py``); the README's headline is ``compare_default``:
+
+    python experiments/compare_methods.py --config configs/default.py --seeds 0,1,2 \
+        --workdir runs/compare_default --results_name=compare_default
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
 _JAX_CACHE = flags.DEFINE_string(
     "jax_cache", "~/.cache/trm_jax/jax_cache", "Persistent compilation cache ('' = off)."
+)
+_RESULTS_NAME = flags.DEFINE_string(
+    "results_name", "", "Also write docs/results/<name>.md and .png ('' = workdir only)."
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -93,14 +101,23 @@ def main(argv):
     columns = (*report.COMPARE_COLUMNS, WALL_COLUMN)
     table = report.compare_table(rows, columns)
     total = time.perf_counter() - t0
+    run_total = sum(r["wall_seconds"] for r in rows)
+    cfg = _CONFIG.value
     text = (
-        f"Methods x seeds {seeds} on `{_CONFIG.value.data.name}` "
-        f"({_CONFIG.value.data.num_tasks} tasks, head `{_CONFIG.value.model.head}`, "
-        f"chain `{_CONFIG.value.merge.chain}`); total wall {total:.0f}s.\n\n{table}"
+        f"Methods x seeds {seeds} on `{cfg.data.name}` ({cfg.data.num_tasks} tasks, "
+        f"head `{cfg.model.head}`, chain `{cfg.merge.chain}`, split `{cfg.eval.split}`); "
+        f"mean ± std over seeds. Wall: {total:.0f}s for this call, {run_total:.0f}s summed "
+        "over the runs (a run reused from the workdir keeps the time it took when it ran; "
+        "merge and wall seconds include first-call compilation).\n\n"
+        f"{table}"
     )
     with open(os.path.join(workdir, "compare.md"), "w") as f:
         f.write(text)
     report.compare_plot(rows, os.path.join(workdir, "compare.png"))
+    if _RESULTS_NAME.value:
+        import results
+
+        results.write(_RESULTS_NAME.value, text, png=lambda path: report.compare_plot(rows, path))
     print(text)
 
 

@@ -8,6 +8,9 @@ Every combination of the weight lists runs TRM with ``eval.split = 'val'`` in
 incremental accuracy, forgetting and onset gradient norm per combination (mean over
 seeds), best first. Non-zero weights share one compiled merge step (the weights are
 inputs of the jitted step), so a grid costs little more than one run per point.
+``--results_name=NAME`` also writes the table to ``docs/results/NAME.md`` with the
+command, commit, machine and date (``experiments/results.py``). ``--config.x=y``
+overrides apply to every run (for instance ``--config.merge.trm.align=distill``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ _RESPONSIVENESS = flags.DEFINE_string(
 _REG = flags.DEFINE_string("reg", "0.01", "Weights of the ||alpha - alpha_init||^2 term.")
 _JAX_CACHE = flags.DEFINE_string(
     "jax_cache", "~/.cache/trm_jax/jax_cache", "Persistent compilation cache ('' = off)."
+)
+_RESULTS_NAME = flags.DEFINE_string(
+    "results_name", "", "Also write docs/results/<name>.md ('' = workdir only)."
 )
 flags.mark_flags_as_required(["config", "workdir"])
 
@@ -95,9 +101,12 @@ def main(argv):
             )
         )
     rows.sort(key=lambda r: -r[4])
+    trm_cfg = _CONFIG.value.merge.trm
     lines = [
-        f"TRM weight sweep on the validation split, seeds {seeds}, "
-        f"{len(grid)} points, {time.perf_counter() - t_all:.0f}s.",
+        f"TRM weight sweep on the validation split, seeds {seeds} (mean over seeds), "
+        f"{len(grid)} points, {time.perf_counter() - t_all:.0f}s; align "
+        f"`{trm_cfg.align}`, lam {trm_cfg.lam:g}, {trm_cfg.steps} steps at lr "
+        f"{trm_cfg.learning_rate:g}; best first.",
         "",
         "| align | consistency | responsiveness | reg | val last acc (%) | val avg inc acc (%) "
         "| val forgetting (%) | onset grad norm |",
@@ -111,6 +120,10 @@ def main(argv):
     text = "\n".join(lines) + "\n"
     with open(os.path.join(_WORKDIR.value, "sweep.md"), "w") as f:
         f.write(text)
+    if _RESULTS_NAME.value:
+        import results
+
+        results.write(_RESULTS_NAME.value, text)
     print(text)
 
 

@@ -3,7 +3,7 @@
 Notation (docs/metrics.md): ``A[t, j]`` is the accuracy after training task ``t``
 (row) on the test data of task ``j`` (column), for ``j <= t``; entries above the diagonal
 (tasks not seen yet) are NaN. ``n_j`` is the number of test examples of task ``j``.
-Rows and columns are 0-based here; formulas in the README use 1-based ``t = 1..T``.
+Rows and columns are 0-based here; formulas in docs/metrics.md use 1-based ``t = 1..T``.
 
 - ``acc_after_task[t] = sum_{j<=t} n_j A[t, j] / sum_{j<=t} n_j``: accuracy on all the
   test data seen so far, i.e. the fraction of those examples classified correctly.

@@ -1,4 +1,4 @@
-"""Rule-based merges (method.md section 5) as pure functions over parameter pytrees.
+"""Rule-based merges (docs/methods.md) as pure functions over parameter pytrees.
 
 Every rule has the signature ``fn(base, task_vectors, *, <its own hparams>) -> params``
 with ``task_vectors`` a list or tuple of pytrees shaped like ``base`` (tau_i = theta_i -

@@ -34,7 +34,7 @@ def default_config() -> ml_collections.ConfigDict:
     The cost defaults (``steps``, ``learning_rate``, ``batch_size``, ``probe.batch_size``,
     ``responsiveness_every``, ``max_batches``, ``eval_batches``) were measured: 21x cheaper
     than 100 steps at 1e-2 on the caller's batches with L_GR every step, with the same
-    validation accuracy on the embedded Fashion-MNIST stream (README, "Measured").
+    validation accuracy on the embedded Fashion-MNIST stream (docs/method.md, "Cost").
 
     * ``steps`` (30), ``learning_rate`` (5e-2): Adam on the coefficients only.
     * ``temperature`` (2.0): tau of the distillation / consistency KLs (scaled by tau^2).
