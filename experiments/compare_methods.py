@@ -4,6 +4,10 @@ r"""Run several methods x seeds on one config and write the comparison table + p
         --methods zeroshot,seq_ft,average,task_arithmetic,ties,magmax,trm,joint \
         --seeds 0,1,2 --workdir runs/compare
 
+A method is a ``merge.method`` name, optionally with a chain: ``magmax@finetuned`` is MagMax
+as published (each task starts from the previous fine-tuned model) next to ``magmax``
+under the config's chain (TRM's ``merged``); the row is labelled with the spec.
+
 Each (method, seed) runs in ``<workdir>/<method>_s<seed>`` (a finished run is reused, an
 interrupted one resumes); the pre-trained theta_0 comes from the shared cache, so it is
 trained once. Writes ``<workdir>/compare.md`` (mean ± std over seeds of last accuracy,
@@ -27,11 +31,34 @@ import time
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+# Every method of the library, the published MagMax protocol beside TRM's chain.
+DEFAULT_METHODS = (
+    "zeroshot",
+    "seq_ft",
+    "lwf",
+    "ewc",
+    "average",
+    "task_arithmetic",
+    "ties",
+    "dare",
+    "randmix",
+    "magmax",
+    "magmax@finetuned",
+    "magmax_ind",
+    "opcm",
+    "became",
+    "tunable_magmax",
+    "pam",
+    "cmm",
+    "trm",
+    "joint",
+)
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file.", lock_config=True)
 _METHODS = flags.DEFINE_string(
     "methods",
-    "zeroshot,seq_ft,average,task_arithmetic,ties,magmax,trm,joint",
-    "Comma-separated merge.method values.",
+    ",".join(DEFAULT_METHODS),
+    "Comma-separated merge.method values, each optionally '@<chain>' (magmax@finetuned).",
 )
 _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Comma-separated seeds.")
 _WORKDIR = flags.DEFINE_string("workdir", None, "Output directory.")
@@ -50,14 +77,17 @@ def run_all(config, methods, seeds, workdir):
     from trm_jax import runner
 
     rows = []
-    for method in methods:
+    for spec in methods:
+        method, _, chain = spec.partition("@")
         for seed in seeds:
             cfg = config.copy_and_resolve_references()
             cfg.unlock()
             cfg.merge.method = method
+            if chain:
+                cfg.merge.chain = chain
             cfg.seed = seed
             cfg.debug.progress = False
-            wd = os.path.join(workdir, f"{method}_s{seed}")
+            wd = os.path.join(workdir, f"{spec.replace('@', '_')}_s{seed}")
             timing_path = os.path.join(wd, "wall_seconds.json")
             finished = os.path.exists(os.path.join(wd, "metrics.json"))
             t0 = time.perf_counter()
@@ -69,10 +99,10 @@ def run_all(config, methods, seeds, workdir):
             else:
                 with open(timing_path, "w") as f:
                     json.dump({"wall_seconds": wall}, f)
-            record = dict(record, wall_seconds=wall)
+            record = dict(record, method=spec, wall_seconds=wall)
             rows.append(record)
             print(
-                f"{method} seed {seed}: last acc {record['last_accuracy']:.4f} "
+                f"{spec} seed {seed}: last acc {record['last_accuracy']:.4f} "
                 f"avg inc {record['avg_incremental_accuracy']:.4f} wall {wall:.1f}s",
                 flush=True,
             )

@@ -50,6 +50,7 @@ COMPARE_COLUMNS = (
     ("forgetting", "forgetting (%)", 100.0, ".2f"),
     ("onset_grad_norm", "onset grad norm", 1.0, ".4g"),
     ("merge_seconds", "merge s / task", 1.0, ".3g"),
+    ("stored_bytes", "stored MiB / task", 2.0**-20, ".3g"),
 )
 
 FIGURE_DPI = 100
