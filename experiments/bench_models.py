@@ -1,6 +1,6 @@
 """Forward throughput of a registered backbone (random weights), in images per second.
 
-    python -m trm_jax.models.benchmark --name vit_b16 --batch 32 --steps 3
+    python experiments/bench_models.py --name vit_b16 --batch 32 --steps 3
 
 Times ``jax.jit(features_fn)`` on a fixed batch after one warm-up call (compilation),
 blocking on the result of every step; prints one line with the device and the rate.
