@@ -15,8 +15,10 @@ the code reads is declared here (no hidden defaults in the code)::
 - ``model``: ``trm_jax.models.default_config()`` (backbone and head kind).
 - ``train``: ``trm_jax.runner.train.default_config()`` (per-task fine-tuning).
 - ``merge``: ``method`` (a ``runner.methods.METHODS`` name), ``chain``, the rule hparams
-  (``lam``, ``k``, ``p``, ``seed``), ``include``, ``exclude``, ``batch_size`` and ``trm``
-  (``trm_jax.merging.trm.default_config()``).
+  (``lam``, ``k``, ``p``, ``seed``), ``include``, ``exclude``, ``batch_size``, ``trm``
+  (``trm_jax.merging.trm.default_config()``) and one section per stateful baseline
+  (``cmm``, ``opcm``, ``became``, ``tunable_magmax``, ``pam``: each module's
+  ``default_config()`` plus the runner's fields, see ``merge_config``).
 - ``pretrain``: pre-training of theta_0 (``enabled``, ``data``, ``train``, ``seed``,
   ``cache_dir``).
 - ``cl``: LwF / EWC weights.  ``eval``: split and batch size.
@@ -29,7 +31,7 @@ from __future__ import annotations
 import ml_collections
 
 from trm_jax import data, merging, models, sharding
-from trm_jax.merging import trm
+from trm_jax.merging import aligned, became, cmm, opcm, trm, tunable_magmax
 from trm_jax.runner import train
 
 CHAINS = ("finetuned", "merged")
@@ -90,6 +92,15 @@ def merge_config() -> ml_collections.ConfigDict:
     c.exclude = ""  # regex over leaf names: never merge these
     c.batch_size = 0  # TRM's minibatches of the current task (0 = train.batch_size)
     c.trm = trm.default_config()
+    c.cmm = cmm.default_config()
+    # 'auto': the backbone's output projection (CLIP's visual_projection, a ViT's
+    # pre_logits), else a ViT's final LayerNorm (methods/cmm.py, trainable_pattern).
+    c.cmm.representation_trainable = "auto"
+    c.opcm = opcm.default_config()
+    c.opcm.from_theta0 = True  # every task fine-tuned from theta_0 (OPCM merges such models)
+    c.became = became.default_config()
+    c.tunable_magmax = tunable_magmax.default_config()
+    c.pam = aligned.default_config()
     return c
 
 

@@ -14,13 +14,19 @@ from __future__ import annotations
 from trm_jax import merging
 from trm_jax.errors import UnknownNameError
 from trm_jax.runner.methods.base import Carry, Finetuned, Method, Task, Training
+from trm_jax.runner.methods.became import Became
+from trm_jax.runner.methods.cmm import CMM
 from trm_jax.runner.methods.ewc import EWC
 from trm_jax.runner.methods.joint import Joint
 from trm_jax.runner.methods.lwf import LwF
+from trm_jax.runner.methods.magmax_ind import MagMaxInd
+from trm_jax.runner.methods.opcm import OPCM
+from trm_jax.runner.methods.pam import PAM
 from trm_jax.runner.methods.rule import RuleMerge
 from trm_jax.runner.methods.running_rule import RunningRule
 from trm_jax.runner.methods.seq_ft import SeqFT
 from trm_jax.runner.methods.trm import TRM
+from trm_jax.runner.methods.tunable_magmax import TunableMagMax
 from trm_jax.runner.methods.zeroshot import ZeroShot
 
 METHODS: dict[str, Method] = {
@@ -30,6 +36,12 @@ METHODS: dict[str, Method] = {
     "joint": Joint(),
     "zeroshot": ZeroShot(),
     "trm": TRM(),
+    "cmm": CMM(),
+    "opcm": OPCM(),
+    "became": Became(),
+    "tunable_magmax": TunableMagMax(),
+    "pam": PAM(),
+    "magmax_ind": MagMaxInd(),
     **{
         name: RunningRule(name) if name in merging.running.STATES else RuleMerge(name)
         for name in merging.MERGERS
