@@ -15,7 +15,7 @@ of the merged model on task t's data is added to the old one,
 
 Written from ``GPM-based/fisher.py`` and ``GPM-based/train_util.py`` (the authors' code, first
 published as commit 859a267 "Code init"; read in the ankur-bohra/BECAME fork, whose history
-holds that commit, because the stored snapshot of limei0818/BECAME has only its README).
+holds that commit; the copy of limei0818/BECAME we could read has only its README).
 
 Their Fisher is the squared gradient of each *batch's* mean cross-entropy, times the batch
 size, summed over the task's training set and divided by its size, with the labels set to the
