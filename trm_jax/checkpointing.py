@@ -36,6 +36,7 @@ the arrays.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -128,26 +129,36 @@ def _check_against(stored: PyTree, like: PyTree) -> None:
 
 
 # TensorStore appends the JSON of the failing spec (``[tensorstore_spec='{...}']``, pages
-# long) and source locations to its messages, and nests "Error opening ... driver:" once
-# per layer; none of it helps the user.
+# long), source locations, or the pybind repr of the store ("See full TensorStore details:
+# <bound method pybind11_... of TensorStore({...")" to its messages, and nests
+# "Error opening ... driver:" once per layer; none of it helps the user.
 _TS_NOISE = (
     re.compile(r"\s*\[(tensorstore_spec|source locations)(\[\d+\])?='.*?'\]"),
+    re.compile(r"\s*See full TensorStore details:.*"),
     re.compile(r'Error opening "\w+" driver: '),
     re.compile(r"<[\w.]+ object at 0x[0-9a-fA-F]+>"),
 )
 
 
-def _cause(exc: BaseException) -> str:
-    """First line of an exception, without TensorStore's spec dumps, trimmed to 300
-    characters (tensorstore messages run for pages)."""
+def _one(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     first = text[0] if text else ""
     for pattern in _TS_NOISE:
         first = pattern.sub("", first)
     first = first.strip()
-    if len(first) > 300:
-        first = first[:297] + "..."
     return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _cause(exc: BaseException) -> str:
+    """First line of an exception without TensorStore's spec dumps and reprs, trimmed to
+    300 characters (tensorstore messages run for pages). A bare ``Exception`` (orbax
+    wraps TensorStore's errors in one) is followed by the error it wraps."""
+    text = _one(exc)
+    inner = exc.__cause__ or exc.__context__
+    if type(exc) is Exception and inner is not None:
+        text = f"{text}: {_one(inner)}"
+    limit = 300 if inner is None else 450
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # ----------------------------------------------------------------------------------------
@@ -309,17 +320,18 @@ class Checkpointer:
                 "--workdir, or delete the workdir to start over"
             )
         try:
-            stored = self._manager.item_metadata(step)[STATE]
-            if stored is None:
-                raise ValueError(f"item '{STATE}' has no metadata")
-            _check_against(getattr(stored, "tree", stored), like)
-            abstract = jax.tree.map(_abstract_leaf, like)
-            restored = self._manager.restore(
-                step,
-                args=ocp.args.Composite(
-                    **{STATE: ocp.args.StandardRestore(abstract), META: ocp.args.JsonRestore()}
-                ),
-            )
+            with _orbax_quiet():
+                stored = self._manager.item_metadata(step)[STATE]
+                if stored is None:
+                    raise ValueError(f"item '{STATE}' has no metadata")
+                _check_against(getattr(stored, "tree", stored), like)
+                abstract = jax.tree.map(_abstract_leaf, like)
+                restored = self._manager.restore(
+                    step,
+                    args=ocp.args.Composite(
+                        **{STATE: ocp.args.StandardRestore(abstract), META: ocp.args.JsonRestore()}
+                    ),
+                )
         except Exception as e:
             raise CheckpointError(
                 f"cannot restore checkpoint {where}: {_cause(e)} (delete that step directory "
@@ -363,6 +375,20 @@ class Checkpointer:
 # ----------------------------------------------------------------------------------------
 # Single parameter tree (the cached pre-trained backbone)
 # ----------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _orbax_quiet():
+    """absl logging at ERROR while orbax reads a tree: on a damaged one it logs warnings
+    before raising, and the caller's one-line error says it all."""
+    from absl import logging
+
+    verbosity = logging.get_verbosity()
+    logging.set_verbosity(logging.ERROR)
+    try:
+        yield
+    finally:
+        logging.set_verbosity(verbosity)
 
 
 def _sync(name: str) -> None:
@@ -437,7 +463,7 @@ def load_params(path: str | os.PathLike, like: PyTree | None = None) -> PyTree:
         raise CheckpointError(f"no parameter checkpoint at {path}")
     checksums = _read_checksums(path)
     try:
-        with ocp.StandardCheckpointer() as checkpointer:
+        with _orbax_quiet(), ocp.StandardCheckpointer() as checkpointer:
             if like is None:
                 params = checkpointer.restore(path)
             else:

@@ -47,6 +47,7 @@ import numpy as np
 from trm_jax import checkpointing, data, metrics, report
 from trm_jax.data import pipeline
 from trm_jax.data import tasks as data_tasks
+from trm_jax.errors import TrainingError
 from trm_jax.merging import task_vectors
 from trm_jax.runner import setup, train
 from trm_jax.runner import validate as validation
@@ -259,7 +260,12 @@ def run_task(job: Run, t: int, carry: Carry, rows, head, meta: dict):
     head = finetuned.head
 
     t_merge = time.perf_counter()
-    merged, state, info = method.merge(task, carry, finetuned)
+    try:
+        merged, state, info = method.merge(task, carry, finetuned)
+    except TrainingError as e:  # the merge knows no task: name it
+        raise type(e)(
+            f"task {t + 1}/{stream.num_tasks} merge ({method.name}): {e} (checkpoints are intact)"
+        ) from e
     if method.merges:
         merged = apply_include_exclude(cfg, merged, finetuned.theta_t)
     merged = jax.block_until_ready(merged)

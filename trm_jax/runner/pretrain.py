@@ -81,6 +81,7 @@ def pretrain(config: ml_collections.ConfigDict, model: Model) -> PyTree:
     )
     with lock:
         if os.path.isdir(path):  # written while this process waited
+            lock.remove_files()  # a lock file the wait re-created after the writer's removal
             return _load_cache(path, init)
         theta0 = _pretrain(config, model, init)
         checkpointing.save_params(path, theta0)
