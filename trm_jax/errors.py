@@ -26,6 +26,10 @@ class TrainingError(TRMError):
     """Training or merging diverged (a NaN or Inf loss); the message names where."""
 
 
+class WorkdirError(TRMError):
+    """The workdir cannot be used: not a writable directory, or held by another run."""
+
+
 class UnknownNameError(ConfigError, KeyError):
     """A registry lookup missed; the message lists the choices (a ``KeyError`` too, so
     code that catches a registry's ``KeyError`` keeps working)."""

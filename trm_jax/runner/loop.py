@@ -11,18 +11,31 @@ record the onset gradient norm (mean ||grad L|| over the first S steps of task t
 from theta_bar_{t-1}); checkpoint; and at the end write ``metrics.json``, ``report.md``
 and the plots. The loop names no method.
 
+Before any work ``run`` checks the whole config (``runner.validate``), makes sure the
+workdir is a writable directory, locks it (a second run on it fails in one line naming
+the pid that holds it), and checks ``config.json``; once the stream is loaded it checks
+the batch sizes against the tasks and prints a one-line warning for each setting that is
+legal but makes the run meaningless.
+
 Resume: every task ends with a checkpoint of everything that persists between tasks
 (the merged model, the chain start, the head, the method's state) plus the metrics so
 far. All randomness derives from (seed, task, step), so re-running an interrupted task
 from the last checkpoint replays it exactly. A workdir whose ``config.json`` differs
-from the requested config is refused.
+from the requested config is refused once it holds a checkpoint; before that (a run that
+failed early, say on a NaN loss) the file is replaced, with a note. Each checkpoint also
+carries the hash of the result-relevant config (``config_hash``), checked on resume, so
+a run cannot resume another config's checkpoints even when ``config.json`` is gone.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
 import os
+import signal
 import sys
+import threading
 import time
 from typing import NamedTuple
 
@@ -31,16 +44,18 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from trm_jax import checkpointing, data, metrics, models, report
+from trm_jax import checkpointing, data, metrics, report
 from trm_jax.data import pipeline
-from trm_jax.errors import check_choice
+from trm_jax.data import tasks as data_tasks
+from trm_jax.errors import TrainingError
 from trm_jax.merging import task_vectors
-from trm_jax.runner import methods, setup, train
-from trm_jax.runner.config import CHAINS, VOLATILE_FIELDS
+from trm_jax.runner import setup, train
+from trm_jax.runner import validate as validation
+from trm_jax.runner.config import VOLATILE_FIELDS
 from trm_jax.runner.methods import Carry, Finetuned, Method, Task
-from trm_jax.runner.pretrain import pretrain
+from trm_jax.runner.pretrain import cache_path, pretrain
 from trm_jax.sharding import Placement
-from trm_jax.tree_util import DTYPES, PyTree, tree_bytes
+from trm_jax.tree_util import PyTree, tree_bytes
 
 META_KEYS = (
     "acc",
@@ -52,6 +67,7 @@ META_KEYS = (
     "merge_info",
     "losses",
 )
+LOCK_FILE = ".lock"  # in the workdir, held for the whole run (its holder in .lock.owner)
 
 
 def _log(msg: str) -> None:
@@ -63,19 +79,41 @@ def config_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str)
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Write ``config.json``, or refuse a workdir that holds a different config."""
-    os.makedirs(workdir, exist_ok=True)
-    checkpointing.config_guard(workdir, config_json(config), ignore=VOLATILE_FIELDS)
+def config_hash(config: ml_collections.ConfigDict) -> str:
+    """16 hex digits of the sha256 of the result-relevant config (everything but the
+    ``VOLATILE_FIELDS`` sections), stored with every checkpoint and checked on resume."""
+    tree = {k: v for k, v in config.to_dict().items() if k not in VOLATILE_FIELDS}
+    blob = json.dumps(tree, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str, *, write: bool = True) -> None:
+    """The workdir before any work: a writable directory (its ``checkpoints/`` too, and
+    the pre-training cache folder when the cache must be written), and ``config.json``
+    written, or compared with the requested config: another config is refused while the
+    workdir holds a checkpoint, and replaced (with a one-line note) when it holds none.
+    ``write=False`` checks without writing (``run`` writes once the data checks pass)."""
+    checkpointing.check_writable(workdir, "--workdir")
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    if os.path.lexists(ckpt_dir):
+        checkpointing.check_writable(ckpt_dir, "checkpoint directory")
+    if config.pretrain.enabled and not os.path.isdir(cache_path(config)):
+        checkpointing.check_writable(os.path.dirname(cache_path(config)), "pretrain.cache_dir")
+    resumable = bool(checkpointing.saved_steps(ckpt_dir))
+    replaced = checkpointing.config_guard(
+        workdir, config_json(config), ignore=VOLATILE_FIELDS, replace=not resumable, write=write
+    )
+    if replaced and write:
+        more = f" (+{len(replaced) - 3} more)" if len(replaced) > 3 else ""
+        _log(
+            f"note: {workdir} held the config.json of a run that saved no checkpoint; "
+            f"replaced it [{'; '.join(replaced[:3])}{more}]"
+        )
 
 
 def validate(config: ml_collections.ConfigDict) -> Method:
-    """The run's method; ``UnknownNameError`` for an unknown name in any choice field."""
-    method = methods.get(config.merge.method)
-    check_choice(config.merge.chain, CHAINS, "merge.chain")
-    check_choice(config.model.head, models.HEADS, "model.head")
-    check_choice(config.train.dtype, DTYPES, "train.dtype")
-    return method
+    """The run's method, after checking the whole config (``runner.validate.check``)."""
+    return validation.check(config)
 
 
 def apply_include_exclude(config, merged: PyTree, fallback: PyTree) -> PyTree:
@@ -126,7 +164,11 @@ def _onset_probe(job: Run, task: Task, carry: Carry, training, ctx, head) -> flo
         train.init_state({"backbone": carry.merged, "head": head}, opt, training.num_steps),
         job.place.batches(
             pipeline.endless_batches(
-                task.images, task.labels, tcfg.batch_size, setup.seed_of(job.config.seed, task.t, 1)
+                task.images,
+                task.labels,
+                tcfg.batch_size,
+                setup.seed_of(job.config.seed, task.t, 1),
+                what=f"onset probe of task {task.t + 1}",
             )
         ),
         tcfg.onset_steps,
@@ -218,7 +260,12 @@ def run_task(job: Run, t: int, carry: Carry, rows, head, meta: dict):
     head = finetuned.head
 
     t_merge = time.perf_counter()
-    merged, state, info = method.merge(task, carry, finetuned)
+    try:
+        merged, state, info = method.merge(task, carry, finetuned)
+    except TrainingError as e:  # the merge knows no task: name it
+        raise type(e)(
+            f"task {t + 1}/{stream.num_tasks} merge ({method.name}): {e} (checkpoints are intact)"
+        ) from e
     if method.merges:
         merged = apply_include_exclude(cfg, merged, finetuned.theta_t)
     merged = jax.block_until_ready(merged)
@@ -252,10 +299,30 @@ def run_task(job: Run, t: int, carry: Carry, rows, head, meta: dict):
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     """Run the stream of ``config`` in ``workdir`` (resuming if it holds a checkpoint);
-    return the metrics dict written to ``metrics.json``."""
+    return the metrics dict written to ``metrics.json``.
+
+    The whole config is checked first, then the workdir (writable, not locked by another
+    run, ``config.json``), then the data; only then does any training start.
+    """
     method = validate(config)
-    check_workdir(config, workdir)
+    checkpointing.check_writable(workdir, "--workdir")
+    lock = checkpointing.DirLock(
+        os.path.join(workdir, LOCK_FILE),
+        what=f"workdir {workdir}",
+        enabled=jax.process_count() == 1,
+    )
+    with lock:
+        return _run(config, workdir, method)
+
+
+def _run(config: ml_collections.ConfigDict, workdir: str, method: Method) -> dict:
+    # Refuse early; write config.json only once the data fits and any checkpoint to
+    # resume has restored under this config's hash (a workdir whose config.json was
+    # deleted must not end up with another run's config beside its checkpoints).
+    check_workdir(config, workdir, write=False)
     stream = data.load_stream(config.data)
+    data_tasks.check_coverage(stream, config.data)
+    validation.check_data(config, stream, method)
     model = setup.build_model(config)
     theta0 = pretrain(config, model) if config.pretrain.enabled else model.backbone.params
     place = Placement(config.mesh)
@@ -266,33 +333,79 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
     step = method.step(config, model)
     job = Run(config, method, stream, model, theta0, place, eval_sets, step)
 
-    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=2)
-    meta = {k: [] for k in META_KEYS}
-    carry, start = Carry(theta0, theta0, None), 0
-    latest = ckpt.latest_step()
-    if latest is not None:
-        tree, meta = ckpt.restore(latest, _restore_like(job, latest, rows, head))
-        state = tree.get("merge_state")
-        carry = Carry(
-            place.params(tree["merged"]),
-            place.params(tree.get("chain", tree["merged"])),
-            None if state is None else place.params(state),
-        )
-        rows, head = place.replicate((tree["rows"], tree["head"]))
-        start = latest
-        _log(f"resuming {workdir} after task {latest}/{stream.num_tasks}")
+    ckpt = checkpointing.Checkpointer(
+        os.path.join(workdir, "checkpoints"), keep=2, fingerprint=config_hash(config)
+    )
+    try:
+        meta = {k: [] for k in META_KEYS}
+        carry, start = Carry(theta0, theta0, None), 0
+        latest = ckpt.latest_step()
+        if latest is not None:
+            tree, meta = ckpt.restore(latest, _restore_like(job, latest, rows, head))
+            state = tree.get("merge_state")
+            carry = Carry(
+                place.params(tree["merged"]),
+                place.params(tree.get("chain", tree["merged"])),
+                None if state is None else place.params(state),
+            )
+            rows, head = place.replicate((tree["rows"], tree["head"]))
+            start = latest
+            _log(f"resuming {workdir} after task {latest}/{stream.num_tasks}")
+        check_workdir(config, workdir)
+        if start < stream.num_tasks:
+            for warning in validation.warnings(config, stream, method):
+                _log(f"warning: {warning}")
 
-    for t in range(start, stream.num_tasks):
-        carry, rows, head, tree = run_task(job, t, carry, rows, head, meta)
-        ckpt.save(t + 1, tree, meta)
-        ckpt.wait()
-        stop = config.debug.stop_after_task
-        if stop and t + 1 >= stop and t + 1 < stream.num_tasks:
-            ckpt.close()
-            return {"stopped_after_task": t + 1}
-    ckpt.close()
+        for t in range(start, stream.num_tasks):
+            carry, rows, head, tree = run_task(job, t, carry, rows, head, meta)
+            with _holding_ctrl_c():
+                ckpt.save(t + 1, tree, meta)
+                ckpt.wait()
+            stop = config.debug.stop_after_task
+            if stop and t + 1 >= stop and t + 1 < stream.num_tasks:
+                ckpt.close()
+                return {"stopped_after_task": t + 1}
+        ckpt.close()
+    except BaseException:  # an error or Ctrl-C: let a save under way finish, then re-raise
+        _close_quietly(ckpt)
+        raise
     sizes = np.asarray([len(e[1]) for e in eval_sets])
     return finish(config, workdir, stream, meta, sizes)
+
+
+@contextlib.contextmanager
+def _holding_ctrl_c():
+    """Hold a Ctrl-C (SIGINT) that arrives while a checkpoint is written and raise it
+    once the checkpoint is on disk: orbax interrupted inside ``save`` leaves a half-run
+    event loop behind, inside ``wait`` an error log, and the finished task unsaved. A
+    second Ctrl-C is not held. (Main thread only: signals are delivered there.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held = []
+    previous = signal.getsignal(signal.SIGINT)
+
+    def hold(signum, frame):
+        if held:  # the second one: give up on the save
+            raise KeyboardInterrupt
+        held.append(signum)
+
+    signal.signal(signal.SIGINT, hold)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous if previous is not None else signal.SIG_DFL)
+    if held:
+        raise KeyboardInterrupt
+
+
+def _close_quietly(ckpt: checkpointing.Checkpointer) -> None:
+    """Close ``ckpt`` (waiting for a pending save) while another exception propagates:
+    a failure here must not replace it."""
+    try:
+        ckpt.close()
+    except Exception:
+        pass
 
 
 def _merge_summary(info: dict) -> dict:

@@ -4,6 +4,12 @@ The embedded benchmarks need a backbone that has seen related data but is not
 specialised to the stream, as CLIP is for CIFAR-100. ``pretrain`` trains the backbone
 with a linear head on ``config.pretrain.data`` once, and caches the backbone under a
 path keyed by the pre-training and backbone config; later runs load the cache.
+
+Concurrent runs with the same key pre-train once: the first takes the cache's lock
+(``<path>.lock``) and pre-trains, the others wait for it and then load its result. The
+cache is written atomically (``checkpointing.save_params``: a temporary directory renamed
+into place) with per-array checksums, so a reader sees a whole tree or none, and a cache
+corrupted on disk fails in one line that says to delete it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import ml_collections
 
 from trm_jax import checkpointing, data, models
 from trm_jax.data import pipeline
+from trm_jax.errors import CheckpointError, ConfigError
 from trm_jax.runner import train
 from trm_jax.runner.setup import Model, key_of, make_step, seed_of
 from trm_jax.tree_util import PyTree
@@ -45,18 +52,54 @@ def cache_path(config: ml_collections.ConfigDict) -> str:
     return os.path.join(os.path.expanduser(config.pretrain.cache_dir), f"theta0_{digest}")
 
 
+def _load_cache(path: str, like: PyTree) -> PyTree:
+    """The cached theta_0; a corrupt cache is a ``CheckpointError`` saying to rebuild it."""
+    try:
+        theta0 = checkpointing.load_params(path, like=like)
+    except CheckpointError as e:
+        raise CheckpointError(
+            f"the pre-training cache is unusable: {e}; delete {path} to rebuild it"
+        ) from e
+    _log(f"pre-train: reusing cached theta_0 {path}")
+    return theta0
+
+
 def pretrain(config: ml_collections.ConfigDict, model: Model) -> PyTree:
     """theta_0: the backbone pre-trained with a linear head on ``config.pretrain.data``
-    (cached; a second call with the same config loads the cache)."""
+    (cached; a second call with the same config loads the cache, a concurrent one waits
+    for the first to write it)."""
     path = cache_path(config)
     init = models.build(config.model, key=key_of(config.pretrain.seed, 7)).params
-    if os.path.isdir(path):
-        _log(f"pre-train: reusing cached theta_0 {path}")
-        return checkpointing.load_params(path, like=init)
+    if os.path.isdir(path):  # complete: the cache is renamed into place whole
+        return _load_cache(path, init)
+    checkpointing.check_writable(os.path.dirname(path), "pretrain.cache_dir")
+    lock = checkpointing.DirLock(
+        f"{path}.lock",
+        what=f"the pre-training cache {path}",
+        wait=True,
+        enabled=jax.process_count() == 1,
+    )
+    with lock:
+        if os.path.isdir(path):  # written while this process waited
+            lock.remove_files()  # a lock file the wait re-created after the writer's removal
+            return _load_cache(path, init)
+        theta0 = _pretrain(config, model, init)
+        checkpointing.save_params(path, theta0)
+        lock.remove_files()  # the cache exists: later runs never take the lock again
+    return theta0
+
+
+def _pretrain(config: ml_collections.ConfigDict, model: Model, init: PyTree) -> PyTree:
+    """Train ``init`` with a linear head on ``config.pretrain.data``; the backbone."""
     pcfg = config.pretrain
     stream = data.load_stream(pcfg.data)
     tasks = list(range(stream.num_tasks))
     images, labels = stream.split("train", tasks)
+    if pcfg.train.batch_size > len(labels):
+        raise ConfigError(
+            f"pretrain.train.batch_size={pcfg.train.batch_size} exceeds the {len(labels)} "
+            f"pre-training examples ({pcfg.data.name}); lower it to at most {len(labels)}"
+        )
     c = stream.num_classes
     d = model.backbone.feature_dim
     k = key_of(pcfg.seed, 11)
@@ -71,7 +114,11 @@ def pretrain(config: ml_collections.ConfigDict, model: Model) -> PyTree:
     num_steps = train.steps_per_task(len(labels), pcfg.train)
     ctx = {"train_mask": jnp.ones((c,), bool)}
     batches = pipeline.endless_batches(
-        images, labels, pcfg.train.batch_size, seed_of(pcfg.seed, 99), what="pre-training"
+        images,
+        labels,
+        pcfg.train.batch_size,
+        seed_of(pcfg.seed, 99),
+        what="pre-training (pretrain.train.batch_size)",
     )
     res = train.finetune(
         step,
@@ -97,5 +144,4 @@ def pretrain(config: ml_collections.ConfigDict, model: Model) -> PyTree:
         )
         msg += f", val accuracy {(logits.argmax(-1) == val_labels).mean():.4f}"
     _log(msg)
-    checkpointing.save_params(path, theta0)
     return theta0

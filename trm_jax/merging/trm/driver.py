@@ -220,7 +220,11 @@ def _check_inputs(
     match ``base`` and that the class sets are valid and disjoint (see :func:`merge`)."""
     snapshots = list(snapshots)
     if not snapshots:
-        raise ConfigError("trm.merge: no snapshots (K = 0); keep at least the expert theta_t")
+        raise ConfigError(
+            "trm.merge: no snapshots (K = 0); pass at least the expert theta_t (the runner "
+            "keeps train.snapshots of each task's trajectory: it must be >= 1, and the task "
+            "must take at least one step)"
+        )
     tv.check_like(
         base,
         previous,
@@ -481,7 +485,11 @@ def merge(
     state, records = _optimise(
         init_state(subspace), subspace, cache, hyper, spec, config.steps, progress
     )
-    history = _history(records, spec)
+    try:
+        history = _history(records, spec)
+    except TrainingError:
+        _check_finite_inputs(base, previous, snapshots)  # blame NaN inputs, not the rate
+        raise
     params = combine(subspace, state.alpha, layout)
     info = _summarise(cache, subspace, state, params, hyper, spec, base, history, config)
     params = jax.block_until_ready(params)
@@ -544,6 +552,20 @@ def _mean_terms(records: list[dict]) -> dict[str, float]:
     return {name: float(np.mean([r[name] for r in records])) for name in records[0]}
 
 
+def _check_finite_inputs(base: PyTree, previous: PyTree, snapshots: Sequence[PyTree]) -> None:
+    """``NonFiniteError`` naming the input tree and leaves that hold NaN or Inf (checked
+    only once the loss went non-finite, so the common path pays nothing)."""
+    trees = [("base", base), ("previous", previous)]
+    trees += [(f"snapshots[{k}]", snap) for k, snap in enumerate(snapshots)]
+    for name, tree in trees:
+        try:
+            tv.check_finite(tree, f"trm.merge: input {name}")
+        except tv.NonFiniteError as e:
+            raise tv.NonFiniteError(
+                f"{e}; the non-finite loss comes from the inputs, not the learning rate"
+            ) from None
+
+
 def _check_finite_history(history: dict[str, np.ndarray], active: Sequence[str]) -> None:
     """Raise ``TrainingError`` naming the first step whose loss is not finite and the active
     terms that were not finite there."""
@@ -552,8 +574,9 @@ def _check_finite_history(history: dict[str, np.ndarray], active: Sequence[str])
         return
     step = int(np.argmax(bad))
     terms = [name for name in active if not np.isfinite(history[name][step])] or ["loss"]
+    weights = ", ".join(f"weights.{n}" for n in terms if n != "loss") or "the term weights"
     raise TrainingError(
         f"trm.merge: non-finite loss at step {step} (term {', '.join(terms)}: "
-        f"{', '.join(f'{n}={history[n][step]}' for n in terms)}); lower learning_rate or "
-        "that term's weight"
+        f"{', '.join(f'{n}={history[n][step]}' for n in terms)}); lower the TRM config's "
+        f"learning_rate (the runner's merge.trm.learning_rate) or {weights}"
     )
