@@ -44,12 +44,12 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from trm_jax import checkpointing, data, metrics, report
+from trm_jax import checkpointing, data, metrics, prepare, report
 from trm_jax.data import pipeline
 from trm_jax.data import tasks as data_tasks
-from trm_jax.errors import TrainingError
+from trm_jax.errors import DataError, TrainingError
 from trm_jax.merging import task_vectors
-from trm_jax.runner import setup, train
+from trm_jax.runner import setup, tensorboard, train
 from trm_jax.runner import validate as validation
 from trm_jax.runner.config import VOLATILE_FIELDS
 from trm_jax.runner.methods import Carry, Finetuned, Method, Task
@@ -136,6 +136,7 @@ class Run(NamedTuple):
     place: Placement
     eval_sets: list
     step: tuple  # (optimizer, loss_fn, jitted step)
+    writer: tensorboard.Writer  # training curves (a no-op unless config.log.tensorboard)
 
 
 def _persisted(job: Run, carry: Carry, rows, head) -> dict:
@@ -207,6 +208,7 @@ def _finetune(job: Run, task: Task, training, ctx, head):
         task=t + 1,
         desc=f"task {t + 1}/{task.num_tasks} {job.method.name}",
         progress=cfg.debug.progress,
+        log=job.writer.train_logger(t + 1),
     )
     theta_t, head = res.state.params["backbone"], res.state.params["head"]
     finetuned = Finetuned(theta_t, res.snapshots, head, ctx, training, res.state.opt_state)
@@ -288,9 +290,12 @@ def run_task(job: Run, t: int, carry: Carry, rows, head, meta: dict):
     meta["stored_bytes"].append(tree_bytes(tree) + (tree_bytes(job.theta0) if needs_theta0 else 0))
 
     sizes = np.asarray([len(s[1]) for s in job.eval_sets[: t + 1]])
+    acc_seen = float((agn * sizes).sum() / sizes.sum())
+    job.writer.trm_history(t + 1, info.get("history", {}))
+    job.writer.stream(t + 1, {"acc_seen": acc_seen, "merge_seconds": merge_sec})
     _log(
         f"task {t + 1}/{stream.num_tasks} {method.name}: acc(seen) "
-        f"{float((agn * sizes).sum() / sizes.sum()):.4f} per-task {np.round(agn, 3).tolist()} "
+        f"{acc_seen:.4f} per-task {np.round(agn, 3).tolist()} "
         f"| fine-tune {ft_sec:.1f}s merge {merge_sec:.2f}s "
         f"| total {time.perf_counter() - t_wall:.1f}s"
     )
@@ -320,6 +325,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, method: Method) -> dic
     # resume has restored under this config's hash (a workdir whose config.json was
     # deleted must not end up with another run's config beside its checkpoints).
     check_workdir(config, workdir, write=False)
+    missing = prepare.summary(prepare.check(config, workdir=workdir))
+    if missing:  # the same check as `python -m trm_jax.prepare`, without fetching
+        raise DataError(missing)
     stream = data.load_stream(config.data)
     data_tasks.check_coverage(stream, config.data)
     validation.check_data(config, stream, method)
@@ -331,7 +339,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, method: Method) -> dic
     # Evaluation data of every task (kept in memory; the stream is small or sub-sampled).
     eval_sets = [stream.split(config.eval.split, t) for t in range(stream.num_tasks)]
     step = method.step(config, model)
-    job = Run(config, method, stream, model, theta0, place, eval_sets, step)
+    writer = tensorboard.open_writer(config, workdir)
+    job = Run(config, method, stream, model, theta0, place, eval_sets, step, writer)
 
     ckpt = checkpointing.Checkpointer(
         os.path.join(workdir, "checkpoints"), keep=2, fingerprint=config_hash(config)
@@ -369,6 +378,8 @@ def _run(config: ml_collections.ConfigDict, workdir: str, method: Method) -> dic
     except BaseException:  # an error or Ctrl-C: let a save under way finish, then re-raise
         _close_quietly(ckpt)
         raise
+    finally:
+        writer.close()
     sizes = np.asarray([len(e[1]) for e in eval_sets])
     return finish(config, workdir, stream, meta, sizes)
 
