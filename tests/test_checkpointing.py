@@ -267,3 +267,71 @@ def test_config_diff_lists_first_keys_and_counts_the_rest():
     diffs = checkpointing.config_diff(old, new)
     assert diffs[:2] == ["k0: 0 -> 1", "k1: 1 -> 2"] and len(diffs) == 6
     assert checkpointing.config_diff({"a": float("nan")}, {"a": float("nan")}) == []
+
+
+def test_checksums_catch_a_flipped_byte_and_fingerprints_a_config(tmp_path):
+    """A byte flipped in an array's data file restores as other numbers without an orbax
+    error: the checksum saved in the meta catches it. A checkpoint written under another
+    fingerprint (the runner's config hash) is refused; one without a fingerprint is not."""
+    state = {"w": jax.random.normal(jax.random.key(0), (64, 64)), "b": jnp.ones(3)}
+    with checkpointing.Checkpointer(tmp_path / "a", fingerprint="cfg0") as ckpt:
+        ckpt.save(1, state, {"task": 0})
+        got, meta = ckpt.restore(1, like=state)
+    assert meta == {"task": 0}  # the integrity record is not handed back
+    with checkpointing.Checkpointer(tmp_path / "a", fingerprint="cfg1") as ckpt:
+        with pytest.raises(CheckpointError, match=r"written by a run with a different config"):
+            ckpt.restore(1, like=state)
+    with checkpointing.Checkpointer(tmp_path / "a") as ckpt:  # no fingerprint: not checked
+        ckpt.restore(1, like=state)
+    data = max(glob.glob(f"{tmp_path}/a/1/state/**/d/*", recursive=True), key=os.path.getsize)
+    raw = bytearray(open(data, "rb").read())
+    raw[len(raw) // 2] ^= 0x01
+    open(data, "wb").write(bytes(raw))
+    with checkpointing.Checkpointer(tmp_path / "a", fingerprint="cfg0") as ckpt:
+        with pytest.raises(
+            CheckpointError, match=r"1 is corrupt: the checksum of 1 array\(s\) \['w'\]"
+        ):
+            ckpt.restore(1, like=state)
+
+
+def test_params_cache_is_atomic_and_checksummed(tmp_path):
+    params = {"w": jax.random.normal(jax.random.key(1), (64, 64))}
+    path = tmp_path / "cache" / "theta0"
+    checkpointing.save_params(path, params)
+    assert sorted(os.listdir(tmp_path / "cache")) == ["theta0"]  # no temporary left
+    assert os.path.exists(path / checkpointing.CHECKSUMS_FILE)
+    data = max(glob.glob(f"{path}/**/d/*", recursive=True), key=os.path.getsize)
+    raw = bytearray(open(data, "rb").read())
+    raw[len(raw) // 2] ^= 0x01
+    open(data, "wb").write(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"theta0 are corrupt: the checksum of 1 array"):
+        checkpointing.load_params(path, like=params)
+
+
+def test_config_guard_replaces_the_config_of_a_workdir_without_checkpoints(tmp_path):
+    checkpointing.config_guard(tmp_path, json.dumps({"lr": 1.0}))
+    assert checkpointing.config_guard(tmp_path, json.dumps({"lr": 1.0}), replace=True) == []
+    replaced = checkpointing.config_guard(tmp_path, json.dumps({"lr": 0.1}), replace=True)
+    assert replaced == ["lr: 1.0 -> 0.1"]
+    assert json.loads((tmp_path / "config.json").read_text()) == {"lr": 0.1}
+    with pytest.raises(ConfigError, match="different config"):
+        checkpointing.config_guard(tmp_path, json.dumps({"lr": 2.0}))
+
+
+def test_dir_lock_names_its_holder_and_check_writable(tmp_path):
+    from trm_jax.errors import WorkdirError
+
+    lock_path = str(tmp_path / ".lock")
+    with checkpointing.DirLock(lock_path, what="workdir x"):
+        with pytest.raises(WorkdirError, match=rf"workdir x is in use by pid {os.getpid()} on "):
+            with checkpointing.DirLock(lock_path, what="workdir x"):
+                pass
+    with checkpointing.DirLock(lock_path, what="workdir x"):  # released: free again
+        pass
+    assert not os.path.exists(lock_path + ".owner")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(WorkdirError, match="is not a directory"):
+        checkpointing.check_writable(tmp_path / "file", "--workdir")
+    with pytest.raises(WorkdirError, match="cannot create --workdir"):
+        checkpointing.check_writable(tmp_path / "file" / "sub", "--workdir")
+    assert checkpointing.saved_steps(tmp_path) == []

@@ -75,3 +75,15 @@ def test_user_errors_exit_2_with_one_line(results, case):
 def test_misspelt_config_field_is_rejected(results):
     code, _, stderr = results["bad_flag"]
     assert code != 0 and "methodd" in stderr
+
+
+def test_interrupted_message_names_what_is_saved_and_the_resume_command(tmp_path):
+    from trm_jax import main
+
+    argv = ["/x/main.py", "--config", "configs/tiny.py", "--workdir", str(tmp_path)]
+    assert main.interrupted_message(str(tmp_path), 5, argv) == (
+        f"interrupted: no task had finished, nothing is saved in {tmp_path}; resume with: "
+        f"python -m trm_jax.main --config configs/tiny.py --workdir {tmp_path}"
+    )
+    (tmp_path / "checkpoints" / "2").mkdir(parents=True)
+    assert "the first 2 of 5 tasks are saved" in main.interrupted_message(str(tmp_path), 5, argv)

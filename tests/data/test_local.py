@@ -274,3 +274,27 @@ def test_mnist5k_missing_message(tmp_path):
         data.load_stream(
             _cfg(source="mnist5k", name="mnist5k", num_tasks=1, path=str(tmp_path / "x.csv.gz"))
         )
+
+
+def test_idx_truncated_gzip_and_short_header(tmp_path):
+    path = str(tmp_path / "x.gz")
+    local.write_idx(path, np.zeros((4, 3, 3), np.uint8))
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:-12])
+    with pytest.raises(DataError, match="truncated or corrupt gzip"):
+        local.read_idx(path)
+    open(path, "wb").write(gzip.compress(bytes([0, 0, 8, 3, 0, 0])))
+    with pytest.raises(DataError, match="IDX header cut short"):
+        local.read_idx(path)
+
+
+def test_npz_object_arrays_and_unreadable_archives(tmp_path):
+    path = tmp_path / "o.npz"
+    x = np.zeros((2, 4, 4, 3), np.uint8)
+    y = np.zeros(2, np.int64)
+    np.savez(path, x_train=np.array([x[0], None], dtype=object), y_train=y, x_test=x, y_test=y)
+    with pytest.raises(DataError, match=r"x_train holds Python objects"):
+        data.load_stream(_cfg(source="npz", name="custom", path=str(path)))
+    path.write_bytes(b"")
+    with pytest.raises(DataError, match=r"is not a readable npz archive \(EOFError"):
+        data.load_stream(_cfg(source="npz", name="custom", path=str(path)))

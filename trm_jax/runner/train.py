@@ -283,8 +283,11 @@ def finetune(
     ``log(step, metrics)``, when given, receives every step's metrics (loss, lr,
     grad_norm and the loss terms), e.g. for TensorBoard.
 
-    Raises ``TrainingError`` naming ``task`` and the step on a non-finite loss.
+    Raises ``TrainingError`` naming ``task`` and the step on a non-finite loss
+    (``task='pretrain'``: pre-training, whose rate is ``pretrain.train.lr``).
     """
+    where = "pre-training" if task == "pretrain" else f"task {task}"
+    lr_field = "pretrain.train.lr" if task == "pretrain" else "train.lr"
     t0 = time.perf_counter()
     snap_at = set(snapshot_steps(num_steps, num_snapshots))
     snapshots, losses, norms = [], [], []
@@ -294,12 +297,12 @@ def finetune(
         try:
             batch = next(it)
         except StopIteration as e:
-            raise TrainingError(f"task {task}: batch iterator ran out at step {i}") from e
+            raise TrainingError(f"{where}: batch iterator ran out at step {i}") from e
         state, metrics = step_fn(state, batch, key, ctx)
         loss = float(metrics["loss"])
         if not np.isfinite(loss):
             raise TrainingError(
-                f"non-finite loss ({loss}) in task {task} at step {i + 1}; lower train.lr "
+                f"non-finite loss ({loss}) in {where} at step {i + 1}; lower {lr_field} "
                 "or check the data (checkpoints are intact)"
             )
         losses.append(loss)
