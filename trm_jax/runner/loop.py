@@ -232,7 +232,8 @@ def _evaluate(job: Run, t: int, merged: PyTree, rows, head) -> tuple[np.ndarray,
 
 
 def run_task(job: Run, t: int, carry: Carry, rows, head, meta: dict):
-    """Task ``t`` from ``carry``: returns the new (carry, rows, head); appends to ``meta``."""
+    """Task ``t`` from ``carry``: returns the new (carry, rows, head), the tree to
+    checkpoint and the task's summary line; appends to ``meta``."""
     cfg, method, stream = job.config, job.method, job.stream
     t_wall = time.perf_counter()
     images, labels = stream.split("train", t)
@@ -293,13 +294,13 @@ def run_task(job: Run, t: int, carry: Carry, rows, head, meta: dict):
     acc_seen = float((agn * sizes).sum() / sizes.sum())
     job.writer.trm_history(t + 1, info.get("history", {}))
     job.writer.stream(t + 1, {"acc_seen": acc_seen, "merge_seconds": merge_sec})
-    _log(
+    line = (
         f"task {t + 1}/{stream.num_tasks} {method.name}: acc(seen) "
         f"{acc_seen:.4f} per-task {np.round(agn, 3).tolist()} "
         f"| fine-tune {ft_sec:.1f}s merge {merge_sec:.2f}s "
         f"| total {time.perf_counter() - t_wall:.1f}s"
     )
-    return carry, rows, head, tree
+    return carry, rows, head, tree, line
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -366,8 +367,9 @@ def _run(config: ml_collections.ConfigDict, workdir: str, method: Method) -> dic
                 _log(f"warning: {warning}")
 
         for t in range(start, stream.num_tasks):
-            carry, rows, head, tree = run_task(job, t, carry, rows, head, meta)
-            with _holding_ctrl_c():
+            carry, rows, head, tree, line = run_task(job, t, carry, rows, head, meta)
+            with _holding_ctrl_c():  # from the summary line on, the task is saved whole
+                _log(line)
                 ckpt.save(t + 1, tree, meta)
                 ckpt.wait()
             stop = config.debug.stop_after_task
