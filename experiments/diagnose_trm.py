@@ -28,7 +28,8 @@ registered as ``trm_diagnose``) whose merge is TRM's own, after which it measure
 Ablation (``--ablations``): TRM streams on the validation split for each named variant of
 ``merge.trm`` (and the MagMax baseline with the same chain), mean ± std of last accuracy over
 ``--seeds``. A variant is ``name=field:value|field:value`` with fields under ``merge.trm``
-(``weights.consistency:0``, ``directions:trajectory,consensus``, ``granularity:global``, ...).
+(``weights.consistency:0``, ``directions:trajectory,consensus``, ``granularity:global``, ...);
+a field starting with ``@`` is a path from the config's root (``@train.snapshots:2``).
 
 Tables go to ``<out>/diagnosis.md`` (and, with ``--doc``, into the section between
 ``<!-- diag:<section> -->`` markers of that file), with the exact command.
@@ -177,8 +178,10 @@ def make_method():
             init_point = subspace.anchor
             rec = {"task": task.t + 1}
             # 1. coefficient movement per direction kind
-            alpha = np.stack([np.asarray(info["alpha_groups"][g]) for g in layout.group_names])
-            delta = alpha - np.asarray(subspace.alpha_init)
+            # TRM's groups cover the wrapped tree; only the backbone's leaves have directions.
+            groups = [g for g in info["alpha_groups"] if g.startswith("backbone")]
+            alpha = np.stack([np.asarray(info["alpha_groups"][g]) for g in groups])
+            delta = alpha - np.asarray(subspace.alpha_init)[:1]  # same init row for every group
             kinds = {"trajectory": [], "history": [], "consensus": []}
             for j, col in enumerate(layout.direction_names):
                 kind = "history" if col == "h" else "consensus" if col == "m" else "trajectory"
@@ -362,9 +365,13 @@ def _run(config, method, seed, workdir, trm_overrides=(), chain=None):
     cfg.debug.progress = False
     for field, value in trm_overrides:
         node = cfg.merge.trm
+        if field.startswith("@"):  # a path from the config's root, e.g. @train.snapshots
+            node, field = cfg, field[1:]
         *path, leaf = field.split(".")
         for p in path:
             node = node[p]
+        if isinstance(node[leaf], tuple) and not isinstance(value, tuple):
+            value = (value,)  # a one-element list field (directions)
         node[leaf] = value
     t0 = time.perf_counter()
     rec = runner.run(cfg, workdir)

@@ -202,3 +202,142 @@ def test_probe_fit_lowers_the_cosine_cross_entropy():
 
     fitted = setup._probe_fit(f, onehot, proto, 8.0)
     assert ce(fitted) < ce(proto)
+
+
+# ------------------------------------------------------------------- TRM options (part 3)
+
+
+def _np_kl(teacher, student, tau, mask):
+    def logsm(z):
+        z = np.where(mask, z, -1e9) / tau
+        z = z - z.max(-1, keepdims=True)
+        return z - np.log(np.exp(z).sum(-1, keepdims=True))
+
+    t, s = logsm(teacher), logsm(student)
+    return tau**2 * np.mean(np.sum(np.where(mask, np.exp(t) * (t - s), 0.0), -1))
+
+
+def _trm_ctx(w_prev, num_classes=5):
+    from trm_jax.merging.trm.objectives import Context
+
+    old = np.array([1, 1, 0, 0, 0], bool)[:num_classes]
+    task = np.array([0, 0, 1, 1, 0], bool)[:num_classes]
+    return Context(
+        task_mask=jnp.asarray(task),
+        old_mask=jnp.asarray(old),
+        seen_mask=jnp.asarray(old | task),
+        temperature=jnp.asarray(2.0),
+        probe_head=None,
+        previous=w_prev,
+        expert=w_prev,
+    )
+
+
+def test_consistency_kl_mix_matches_numpy():
+    from trm_jax.merging.trm import objectives as obj
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(6, 3)).astype(np.float64)
+    w, w_prev = rng.normal(size=(3, 5)), rng.normal(size=(3, 5))
+    apply_fn = lambda p, images: images @ p  # noqa: E731
+    ctx = _trm_ctx(jnp.asarray(w_prev))
+    targets = {"previous_logits": jnp.asarray(x @ w_prev)}
+    got = obj.CONSISTENCY["kl_mix"](
+        apply_fn, jnp.asarray(w), jnp.asarray(x @ w), {"image": jnp.asarray(x)}, targets, ctx
+    )
+    mixed = 0.5 * (x + np.roll(x, -1, axis=0))
+    old = np.asarray(ctx.old_mask)
+    ref = 0.5 * (_np_kl(x @ w_prev, x @ w, 2.0, old) + _np_kl(mixed @ w_prev, mixed @ w, 2.0, old))
+    np.testing.assert_allclose(float(got), ref, rtol=1e-5)
+    # equal models: zero; and only the student gets a gradient
+    same = obj.consistency_kl_mix(
+        apply_fn, jnp.asarray(w_prev), jnp.asarray(x @ w_prev), {"image": jnp.asarray(x)},
+        targets, ctx,
+    )  # fmt: skip
+    assert abs(float(same)) < 1e-6
+
+
+def test_g_probe_relative_matches_numpy():
+    from trm_jax.merging.trm import objectives as obj
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(8, 3))
+    w = rng.normal(size=(3, 5))
+    labels = np.array([0, 1, 2, 3, 0, 1, 2, 3])
+    ctx = _trm_ctx(None)
+    seen = np.asarray(ctx.seen_mask)
+    targets = {"probe_labels": jnp.asarray(labels), "g_ref": jnp.asarray(1.0)}
+    apply_fn = lambda p, images: images @ p  # noqa: E731
+    got = obj.MEASURES["probe_relative"](
+        apply_fn, jnp.asarray(w), {"image": jnp.asarray(x)}, targets, ctx
+    )
+    z = np.where(seen, x @ w, -1e9)
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    onehot = np.eye(5)[labels]
+    loss = -np.mean(np.log(p[np.arange(8), labels]))
+    grad = x.T @ (p - onehot) / 8
+    np.testing.assert_allclose(float(got), np.sum(grad**2) / loss, rtol=1e-4)
+    term = obj.RESPONSIVENESS["probe_relative"](
+        apply_fn, jnp.asarray(w), None, {"image": jnp.asarray(x)}, targets, ctx
+    )
+    np.testing.assert_allclose(
+        float(term), np.log1p(np.exp(np.log(1.0) - np.log(np.sum(grad**2) / loss))), rtol=1e-4
+    )
+
+
+def test_increments_span_the_trajectory_and_init_exactly():
+    from trm_jax.merging.trm import config as tcfg
+    from trm_jax.merging.trm import subspace as sub
+
+    rng = np.random.default_rng(2)
+    tree = lambda: {"a": jnp.asarray(rng.normal(size=(3, 2))), "b": jnp.asarray(rng.normal(size=4))}  # noqa: E731
+    base, prev = tree(), tree()
+    snaps = [tree() for _ in range(3)]
+    kw = dict(granularity="leaf", lam=0.5)
+    s_d, lay_d = sub.build_subspace(
+        base, prev, snaps, directions=("trajectory", "history"), init="previous", **kw
+    )
+    s_i, lay_i = sub.build_subspace(
+        base, prev, snaps, directions=("increments", "history"), init="previous", **kw
+    )
+    assert lay_i.direction_names == ("i1", "i2", "i3", "h")
+    d = np.asarray(s_i.directions["a"])
+    step = np.asarray(snaps[1]["a"] - snaps[0]["a"])
+    np.testing.assert_allclose(d[1], step, rtol=1e-5, atol=1e-6)
+    # same span: sum_k c_k i_k = sum_k (c_k - c_{k+1}) d_k
+    c = rng.normal(size=(len(lay_i.group_names), 4))
+    a = c.copy()
+    a[:, :2] = c[:, :2] - c[:, 1:3]
+    for leaf in ("a", "b"):
+        np.testing.assert_allclose(
+            np.asarray(sub.combine(s_i, jnp.asarray(c), lay_i)[leaf]),
+            np.asarray(sub.combine(s_d, jnp.asarray(a), lay_d)[leaf]),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+    s_e, lay_e = sub.build_subspace(
+        base, prev, snaps, directions=("increments",), init="expert", **kw
+    )
+    np.testing.assert_array_equal(np.asarray(s_e.alpha_init), 1.0)
+    # alpha_init reproduces the anchor (theta_t) through the directions too
+    moved = {
+        k: np.asarray(prev[k]) + np.tensordot(np.ones(3), np.asarray(s_e.directions[k]), 1)
+        for k in ("a", "b")
+    }
+    for k in ("a", "b"):
+        np.testing.assert_allclose(moved[k], np.asarray(snaps[-1][k]), rtol=1e-5, atol=1e-6)
+        np.testing.assert_array_equal(np.asarray(s_e.anchor[k]), np.asarray(snaps[-1][k]))
+    cfg = _trm_default(directions=("trajectory", "increments"))
+    with pytest.raises(ConfigError, match="same subspace"):
+        tcfg.validate_config(cfg)
+    tcfg.validate_config(_trm_default(directions=("increments", "consensus")))
+    assert tuple(tcfg.default_config().directions) == tcfg.DIRECTIONS  # default unchanged
+
+
+def _trm_default(**kw):
+    from trm_jax.merging.trm import config as tcfg
+
+    c = tcfg.default_config()
+    c.update(kw)
+    return c
