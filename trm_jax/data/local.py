@@ -1,4 +1,5 @@
-"""Readers for local files: MNIST-format IDX, one ``.npz`` of arrays, image folders, MNIST-5k.
+"""Readers for local files: MNIST-format IDX, one ``.npz`` of arrays, image folders, MNIST-5k,
+scikit-learn's 8x8 digits.
 
 Every reader returns a ``RawData``: uint8 images ``[N, H, W, C]`` and integer labels in
 the benchmark's own label space (0..C-1), for a train split and, where the source has
@@ -547,3 +548,30 @@ def load_mnist5k(benchmark: Any, config: Any) -> RawData:
         raise DataError(f"{benchmark.name}: {path} must have 785 columns, has {table.shape}")
     images = np.clip(table[:, :-1], 0, 255).astype(np.uint8).reshape(-1, 28, 28, 1)
     return RawData(images, table[:, -1].astype(np.int64), None, None)
+
+
+# --------------------------------------------------------------------------- sklearn digits
+
+
+def load_sklearn_digits(benchmark: Any, config: Any) -> RawData:
+    """The ``sklearn_digits`` source: scikit-learn's 1797 handwritten 8x8 digits (UCI optdigits
+    test set; values 0..16), a different rendition of MNIST's label space.
+
+    Scaled to 0..255 and resized (bilinear) into the centre 20x20 box of a 28x28 frame, the
+    layout of MNIST digits, so a backbone sees them at MNIST's geometry but blurred. The set
+    is train-only; ``load_stream`` carves the test split (``test_fraction``).
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError(
+            f"{benchmark.name}: scikit-learn is not installed; {benchmark.how_to_get}"
+        ) from None
+    from PIL import Image
+
+    digits = load_digits()
+    small = np.clip(np.rint(digits.images * (255.0 / 16.0)), 0, 255).astype(np.uint8)
+    images = np.zeros((len(small), 28, 28, 1), np.uint8)
+    for i, im in enumerate(small):
+        images[i, 4:24, 4:24, 0] = np.asarray(Image.fromarray(im).resize((20, 20), Image.BILINEAR))
+    return RawData(images, digits.target.astype(np.int64), None, None)

@@ -10,7 +10,9 @@ ids in stream order).
 Splits: ``test`` is the source's test split, or, for train-only sources (MNIST-5k,
 ImageNet-R), a per-class ``test_fraction`` carved with a fixed seed, so the test set
 never depends on tuning seeds. ``val`` is a per-class ``val_fraction`` of the train split
-carved with ``split_seed``; tune on ``val``, never on ``test``.
+carved with ``split_seed``; tune on ``val``, never on ``test``. ``train_part`` ('a' / 'b')
+keeps a fixed, seed-independent half of each class's train images before any of that, so a
+pre-training set and a stream can take disjoint halves of one source.
 """
 
 from __future__ import annotations
@@ -159,6 +161,31 @@ BENCHMARKS: dict[str, Benchmark] = {
             "a pre-training set (test carved per class)",
         ),
         Benchmark(
+            name="sklearn_digits",
+            num_classes=10,
+            class_names=names.MNIST,
+            standard_num_tasks=(1,),
+            sources=("sklearn_digits",),
+            image_size=28,
+            channels=1,
+            how_to_get="pip install scikit-learn (it ships the 1797 8x8 digits)",
+            description="scikit-learn's 1797 8x8 digits, upsampled into MNIST's 28x28 layout; "
+            "a pre-training set in MNIST's label space (test carved per class)",
+        ),
+        Benchmark(
+            name="fashion_digits",
+            num_classes=20,
+            class_names=names.FASHION_MNIST + names.MNIST,
+            standard_num_tasks=(4, 5, 10),
+            sources=("concat",),
+            image_size=28,
+            channels=1,
+            how_to_get="source=concat with data.parts naming a Fashion-MNIST part then a digits "
+            "part, e.g. 'fashion_mnist:idx:b,mnist5k:mnist5k'",
+            description="20 classes: Fashion-MNIST's 10 (ids 0-9) then the digits 0-9 (ids "
+            "10-19), read from two sources (data.parts); configs/fashion_digits.py",
+        ),
+        Benchmark(
             name="custom",
             num_classes=0,
             class_names=(),
@@ -179,7 +206,13 @@ SOURCES: dict[str, Callable[[Benchmark, Any], local.RawData]] = {
     "npz": local.load_npz,
     "folder": local.load_folder,
     "mnist5k": local.load_mnist5k,
-}
+    "sklearn_digits": local.load_sklearn_digits,
+}  # + "concat": load_concat, registered below its definition
+
+TRAIN_PARTS = ("", "a", "b")
+# The halves of ``train_part`` are drawn with this fixed seed and tag, never a run's seeds:
+# a pre-training set and a stream that take the two halves of one source stay disjoint.
+_PART_SEED, _TAG_PART = 0, 4
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -206,6 +239,12 @@ def default_config() -> ml_collections.ConfigDict:
             "max_train_per_class": 0,  # 0 = all (val is carved from what is kept)
             "max_test_per_class": 0,  # 0 = all
             "stored_size": 0,  # 0 = the benchmark's size; variable-size images resized to it
+            # '' = all train images; 'a' / 'b' = a fixed half of each class's train images
+            # (seed-independent; the halves are disjoint): pre-train on one, stream the other.
+            "train_part": "",
+            # source 'concat': comma-separated 'benchmark:source[:a|b]' parts whose label
+            # spaces are stacked in order (e.g. 'fashion_mnist:idx:b,mnist5k:mnist5k').
+            "parts": "",
         }
     )
 
@@ -408,10 +447,102 @@ def _check_config(config: Any) -> tuple[Benchmark, Callable[[Benchmark, Any], lo
         value = config[field]
         if not 0 <= value < 1:
             raise ConfigError(f"config.data.{field} must be in [0, 1), got {value}")
+    if config.train_part not in TRAIN_PARTS:
+        raise ConfigError(
+            f"config.data.train_part {config.train_part!r} not in {list(TRAIN_PARTS)}"
+        )
     for field in ("max_train_per_class", "max_test_per_class", "stored_size"):
         if config[field] < 0:
             raise ConfigError(f"config.data.{field} must be >= 0, got {config[field]}")
     return benchmark, SOURCES[config.source]
+
+
+def train_part_indices(labels: np.ndarray, part: str) -> np.ndarray:
+    """Sorted indices of half ``part`` ('a' or 'b') of each class's examples ('' = all).
+
+    Per class a permutation drawn from ``(_PART_SEED, class, _TAG_PART)`` only (no run or
+    split seed); 'a' takes its first ``n // 2`` entries, 'b' the rest. So the two halves are
+    disjoint, cover every example, and do not depend on any seed of a run.
+    """
+    if part not in TRAIN_PARTS:
+        raise ConfigError(f"config.data.train_part {part!r} not in {list(TRAIN_PARTS)}")
+    if not part:
+        return np.arange(len(labels))
+    keep = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        perm = np.random.default_rng([_PART_SEED, int(c), _TAG_PART]).permutation(idx)
+        keep.append(perm[: len(idx) // 2] if part == "a" else perm[len(idx) // 2 :])
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, np.int64)
+
+
+def parse_parts(spec: str) -> list[tuple[str, str, str]]:
+    """``'benchmark:source[:a|b],...'`` as ``[(benchmark, source, train_part), ...]``."""
+    out = []
+    for item in (p.strip() for p in str(spec).split(",")):
+        if not item:
+            continue
+        fields = item.split(":")
+        if len(fields) not in (2, 3):
+            raise ConfigError(f"config.data.parts entry {item!r} is not 'benchmark:source[:a|b]'")
+        bench, source = fields[0], fields[1]
+        part = fields[2] if len(fields) == 3 else ""
+        if part not in TRAIN_PARTS:
+            raise ConfigError(f"config.data.parts entry {item!r}: part must be 'a' or 'b'")
+        out.append((bench, source, part))
+    if not out:
+        raise ConfigError("source 'concat' needs config.data.parts, e.g. 'fashion_mnist:idx:b,...'")
+    return out
+
+
+def load_concat(benchmark: Benchmark, config: Any) -> local.RawData:
+    """The ``concat`` source: the parts of ``config.data.parts`` with their label spaces
+    stacked in order (part ``i``'s labels shifted by the classes of parts ``0..i-1``).
+
+    Each part is read by its own source from that source's default location (``data_dir``
+    is passed on; ``path`` is not, as it names one file). A part without a test split gets
+    one carved as ``load_stream`` would (``test_fraction``, fixed seed); a part's optional
+    ``a``/``b`` takes that half of its train images (``train_part_indices``). The parts'
+    class names, in order, must be the benchmark's, and their image shapes must agree.
+    """
+    parts = parse_parts(config.parts)
+    xs_tr, ys_tr, xs_te, ys_te, part_names = [], [], [], [], []
+    offset = 0
+    for bench_name, source, part in parts:
+        sub = default_config()
+        sub.update(name=bench_name, source=source, data_dir=config.data_dir)
+        sub.test_fraction = config.test_fraction
+        sub_bench, reader = _check_config(sub)
+        if source == "concat":
+            raise ConfigError("config.data.parts cannot nest the 'concat' source")
+        raw = reader(sub_bench, sub)
+        train_x, train_y, test_x, test_y = raw[:4]
+        if test_x is None:
+            kept, carved = carve(train_y, config.test_fraction, _TEST_SEED, _TAG_TEST_CARVE)
+            test_x, test_y = train_x[carved], train_y[carved]
+            train_x, train_y = train_x[kept], train_y[kept]
+        keep = train_part_indices(train_y, part)
+        xs_tr.append(_take(train_x, keep))
+        ys_tr.append(train_y[keep] + offset)
+        xs_te.append(test_x)
+        ys_te.append(test_y + offset)
+        part_names += list(sub_bench.class_names)
+        offset += sub_bench.num_classes
+    shapes = {x.shape[1:] for x in xs_tr + xs_te}
+    if len(shapes) != 1:
+        raise DataError(f"{benchmark.name}: the parts' image shapes differ: {sorted(shapes)}")
+    if benchmark.num_classes and tuple(part_names) != tuple(benchmark.class_names):
+        raise DataError(
+            f"{benchmark.name}: parts {config.parts!r} give classes {part_names[:4]}... "
+            f"({len(part_names)}), the benchmark lists {list(benchmark.class_names[:4])}... "
+            f"({benchmark.num_classes})"
+        )
+    return local.RawData(
+        np.concatenate(xs_tr), np.concatenate(ys_tr), np.concatenate(xs_te), np.concatenate(ys_te)
+    )
+
+
+SOURCES["concat"] = load_concat
 
 
 def _take(array: np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -433,8 +564,9 @@ def load_stream(config: Any) -> TaskStream:
     """Reads ``config.source`` for benchmark ``config.name`` and builds the task stream.
 
     Steps (each a pure function above): read the source; check labels; carve a test
-    split if the source has none (fixed seed); cap examples per class; carve ``val``
-    from train (``split_seed``); order the classes and remap labels to new ids.
+    split if the source has none (fixed seed); keep the ``train_part`` half of train (fixed
+    seed); cap examples per class; carve ``val`` from train (``split_seed``); order the
+    classes and remap labels to new ids.
     """
     benchmark, reader = check_config(config)  # fails before reading anything big
     raw = reader(benchmark, config)
@@ -476,6 +608,8 @@ def load_stream(config: Any) -> TaskStream:
         train_x, train_y = _take(train_x, kept), train_y[kept]
     else:
         _check_labels(benchmark.name, "test", test_y, num_classes)
+    keep = train_part_indices(train_y, config.train_part)
+    train_x, train_y = _take(train_x, keep), train_y[keep]
     keep = cap_per_class(test_y, config.max_test_per_class, _TEST_SEED, _TAG_TEST_CAP)
     test_x, test_y = _take(test_x, keep), test_y[keep]
     keep = cap_per_class(train_y, config.max_train_per_class, config.split_seed, _TAG_TRAIN_CAP)

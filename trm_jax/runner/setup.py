@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 
-from trm_jax import models
+from trm_jax import data, models
 from trm_jax.data import pipeline
 from trm_jax.errors import ConfigError
 from trm_jax.models import heads
@@ -157,10 +158,67 @@ class ClassSets(NamedTuple):
 # ----------------------------------------------------------------------------- heads
 
 
+# ``model.zeroshot_head`` values that take the frozen rows from theta_0's pre-training data
+# instead of a file or a text tower (``pretrained_rows``): the CLIP analog for backbones
+# pre-trained with a classifier on data disjoint from the stream, in its label space.
+PRETRAINED_ROWS = ("pretrain_probe", "pretrain_prototype")
+PROBE_STEPS, PROBE_LR = 500, 0.05  # the cosine probe's full-batch Adam (fixed, not tuned)
+
+
+@jax.jit
+def _probe_fit(feats, onehot, rows0, scale):
+    """Cosine-classifier rows minimising the mean cross-entropy of
+    ``scale * cos(feats, rows)`` (full batch, Adam from ``rows0``)."""
+    opt = optax.adam(PROBE_LR)
+
+    def loss(rows):
+        logits = heads.cosine_logits(feats, rows, scale)
+        return -jnp.mean(jnp.sum(onehot * jax.nn.log_softmax(logits), -1))
+
+    def body(_, carry):
+        rows, state = carry
+        updates, state = opt.update(jax.grad(loss)(rows), state)
+        return rows + updates, state
+
+    rows, _ = jax.lax.fori_loop(0, PROBE_STEPS, body, (rows0, opt.init(rows0)))
+    return heads.l2_normalize(rows)
+
+
+def pretrained_rows(config, model: Model, stream, theta0) -> jax.Array:
+    """Frozen rows ``[C, D]`` read off theta_0's pre-training data (``config.pretrain.data``,
+    train split), matched to the stream's classes by name.
+
+    ``model.zeroshot_head = 'pretrain_prototype'``: per class, the normalised mean theta_0
+    feature of the pre-training images. ``'pretrain_probe'``: a cosine classifier on frozen
+    theta_0 features of those images (``model.head_scale``, ``PROBE_STEPS`` full-batch Adam
+    steps from the prototypes): the pre-trained classifier's rows in the logit form the stream
+    uses. Either way no stream image is read: the stream's zero-shot accuracy is then the
+    pre-trained model's, as with CLIP's text head.
+    """
+    pre = data.load_stream(config.pretrain.data)
+    images, labels = pre.split("train", list(range(pre.num_tasks)))
+    feats = features_all(model, theta0, images, config.eval.batch_size)
+    ids = np.arange(pre.num_classes)
+    rows = heads.prototype_rows(feats, labels, ids)
+    if config.model.zeroshot_head == "pretrain_probe":
+        onehot = jnp.asarray(labels[:, None] == ids[None, :], jnp.float32)
+        rows = _probe_fit(jnp.asarray(feats, jnp.float32), onehot, rows, config.model.head_scale)
+    index = {name: i for i, name in enumerate(pre.class_names)}
+    missing = [n for n in stream.class_names if n not in index]
+    if missing:
+        raise ConfigError(
+            f"model.zeroshot_head={config.model.zeroshot_head!r}: the pre-training data "
+            f"({config.pretrain.data.name}) lacks the stream's classes {missing[:5]}"
+        )
+    return jnp.asarray(rows)[np.asarray([index[n] for n in stream.class_names])]
+
+
 def initial_head(config, model: Model, stream, theta0) -> tuple[PyTree, PyTree]:
     """(frozen rows [C, D], trainable head params) at the start of the stream."""
     c, d = stream.num_classes, model.backbone.feature_dim
     kind = config.model.head
+    if kind == "zeroshot" and config.model.zeroshot_head in PRETRAINED_ROWS:
+        return pretrained_rows(config, model, stream, theta0), {}
     if kind == "zeroshot":
         rows = models.zeroshot_head(model.backbone, list(stream.class_names), config.model)
         rows = jnp.asarray(rows, jnp.float32)

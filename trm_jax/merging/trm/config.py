@@ -21,6 +21,9 @@ from trm_jax.merging.trm.objectives import ALIGN, CONSISTENCY, MEASURES, RESPONS
 from trm_jax.tree_util import DTYPES
 
 DIRECTIONS = ("trajectory", "history", "consensus")
+# Every direction kind ``directions`` accepts; ``DIRECTIONS`` (above) stays the default.
+# ``increments`` is the trajectory as its K steps (same span as ``trajectory``; not both).
+DIRECTION_KINDS = DIRECTIONS + ("increments",)
 INITS = ("magmax", "expert", "previous")
 # Storage dtypes of the stacked directions: the shared table, one object.
 DIRECTION_DTYPES = DTYPES
@@ -44,11 +47,17 @@ def default_config() -> ml_collections.ConfigDict:
       (the same over every class seen so far), ``'ce'`` (labels over the task's classes),
       ``'ce_seen'`` (labels over every seen class), ``'param'`` (cosine to the expert's
       displacement, per leaf).
-    * ``consistency``: ``'kl'`` (KL to the previous merged model over old classes) or
-      ``'mse'`` (raw old-class logits).
-    * ``responsiveness``: ``'probe'`` (squared gradient norm of a fixed random probe loss) or
-      ``'fisher'`` (trace of the Fisher, labels sampled from the model).
-    * ``directions``: any non-empty subset of ``('trajectory', 'history', 'consensus')``.
+    * ``consistency``: ``'kl'`` (KL to the previous merged model over old classes),
+      ``'mse'`` (raw old-class logits) or ``'kl_mix'`` (the KL on the batch and on mixups of
+      its images, the previous model's logits on those computed in the step).
+    * ``responsiveness``: ``'probe'`` (squared gradient norm of a fixed random probe loss),
+      ``'fisher'`` (trace of the Fisher, labels sampled from the model) or ``'probe_relative'``
+      (the probe's squared gradient norm over its loss: responsiveness per unit of loss).
+    * ``directions``: any non-empty subset of ``('trajectory', 'history', 'consensus')``, or
+      ``'increments'`` in place of ``'trajectory'``: the trajectory as its steps
+      ``theta_t^(k) - theta_t^(k-1)`` (``theta_t^(0)`` = theta_prev), columns ``i1..iK``. Same
+      span, but the cumulative ``d_k`` of a decaying learning-rate schedule are nearly
+      collinear (docs/diagnosis.md), the increments much less.
     * ``granularity``: ``'leaf'`` (one coefficient per leaf and direction), ``'global'`` (one
       per direction for the whole model) or name regexes (a string or a tuple of strings):
       leaves whose first matching regex matches the same text share coefficients, so
@@ -145,11 +154,16 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     directions = tuple(config.directions)
     if not directions or len(set(directions)) != len(directions):
         raise ConfigError(
-            f"trm config 'directions' must be a non-empty subset of {list(DIRECTIONS)} "
+            f"trm config 'directions' must be a non-empty subset of {list(DIRECTION_KINDS)} "
             f"without repeats, got {directions!r}"
         )
     for name in directions:
-        _choice(name, DIRECTIONS, "directions")
+        _choice(name, DIRECTION_KINDS, "directions")
+    if "trajectory" in directions and "increments" in directions:
+        raise ConfigError(
+            "trm config 'directions': 'trajectory' and 'increments' span the same subspace; "
+            "choose one"
+        )
     _granularity_patterns(config.granularity)
     counts = {
         "probe.num_classes": config.probe.num_classes,

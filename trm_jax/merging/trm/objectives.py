@@ -102,6 +102,29 @@ def consistency_mse(apply_fn, params, logits, batch, targets, ctx) -> jax.Array:
     return total / jnp.maximum(1, logits.shape[0] * jnp.sum(ctx.old_mask))
 
 
+def mix_images(images: jax.Array) -> jax.Array:
+    """Mixups of a batch: each image averaged with the next one (the last with the first),
+    in the images' dtype. Deterministic, so the mixed inputs are the same every step."""
+    mixed = 0.5 * (f32(images) + f32(jnp.roll(images, -1, axis=0)))
+    return mixed.astype(images.dtype) if jnp.issubdtype(images.dtype, jnp.floating) else mixed
+
+
+def consistency_kl_mix(apply_fn, params, logits, batch, targets, ctx) -> jax.Array:
+    """Variant: the mean of :func:`consistency_kl` on the batch and the same KL on mixups of
+    its images (:func:`mix_images`), the previous model's logits on those computed here
+    without gradient.
+
+    Current-task images are one small region of input space; mixing two of them gives
+    inputs off that region, where theta_prev's old-class behaviour is probed from current
+    data alone (no old data, nothing stored). Costs two more forward passes per step.
+    """
+    clean = tempered_kl(targets["previous_logits"], logits, ctx.temperature, ctx.old_mask)
+    mixed = mix_images(batch["image"])
+    teacher = jax.lax.stop_gradient(apply_fn(ctx.previous, mixed))
+    student = apply_fn(params, mixed)
+    return 0.5 * (clean + tempered_kl(teacher, student, ctx.temperature, ctx.old_mask))
+
+
 def _sq_norm(tree: PyTree) -> jax.Array:
     """Squared L2 norm over every leaf, accumulated in at least float32 (bf16 models)."""
     leaves = jax.tree.leaves(tree)
@@ -158,6 +181,21 @@ def _probe_loss(apply_fn, params, data) -> jax.Array:
     return cross_entropy(jnp.where(seen, f32(logits), 0.0) @ head, labels)
 
 
+def g_probe_relative(apply_fn, params, batch, targets, ctx) -> jax.Array:
+    """Variant: :func:`g_probe` divided by the probe loss at ``params``.
+
+    The squared gradient norm of a cross-entropy grows with the loss itself, so a point that
+    fits its data worse looks more "responsive". Per unit of loss, g measures how steep the
+    loss is for its height: the next task's learning speed rather than its starting loss
+    (docs/diagnosis.md: the onset norm tracks the starting loss).
+    """
+    labels = targets["probe_labels"]
+    images = batch["image"][: labels.shape[0]]
+    data = (images, labels, ctx.seen_mask, ctx.probe_head)
+    loss_fn = functools.partial(_probe_loss, apply_fn)
+    return grad_sq_norm(loss_fn, params, data) / jnp.maximum(loss_fn(params, data), 1e-12)
+
+
 def _seen_nll(apply_fn, params, data) -> jax.Array:
     """Mean negative log-likelihood of ``labels`` under the seen-class softmax."""
     images, labels, seen = data
@@ -211,6 +249,12 @@ def responsiveness_fisher(apply_fn, params, logits, batch, targets, ctx) -> jax.
     return jax.nn.softplus(_log(targets["g_ref"]) - _log(g))
 
 
+def responsiveness_probe_relative(apply_fn, params, logits, batch, targets, ctx) -> jax.Array:
+    """Variant: L_GR with g = :func:`g_probe_relative` (probe gradient norm per unit of loss)."""
+    g = g_probe_relative(apply_fn, params, batch, targets, ctx)
+    return jax.nn.softplus(_log(targets["g_ref"]) - _log(g))
+
+
 def reg_l2(alpha: jax.Array, alpha_init: jax.Array) -> jax.Array:
     """||alpha - alpha_init||^2 over every coefficient: stay near the rule-based start."""
     return jnp.sum(jnp.square(alpha - alpha_init))
@@ -223,10 +267,19 @@ ALIGN: dict[str, Callable] = {
     "ce_seen": align_ce_seen,
     "param": align_param,
 }
-CONSISTENCY: dict[str, Callable] = {"kl": consistency_kl, "mse": consistency_mse}
+CONSISTENCY: dict[str, Callable] = {
+    "kl": consistency_kl,
+    "mse": consistency_mse,
+    "kl_mix": consistency_kl_mix,
+}
 RESPONSIVENESS: dict[str, Callable] = {
     "probe": responsiveness_probe,
     "fisher": responsiveness_fisher,
+    "probe_relative": responsiveness_probe_relative,
 }
 # The g measure behind each responsiveness objective: gives g_ref, g_init and g_final.
-MEASURES: dict[str, Callable] = {"probe": g_probe, "fisher": g_fisher}
+MEASURES: dict[str, Callable] = {
+    "probe": g_probe,
+    "fisher": g_fisher,
+    "probe_relative": g_probe_relative,
+}

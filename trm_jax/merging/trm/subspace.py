@@ -1,11 +1,11 @@
 """The augmented trajectory subspace TRM searches, and theta(alpha) inside it.
 
 Per parameter leaf the directions (``d1..dK`` = the task's trajectory snapshots minus
-theta_prev, ``h`` = theta_prev - theta0, ``m`` = the MagMax consensus point minus theta_prev)
-are stacked once, in the storage dtype, next to the exact init point (the anchor). A merged
-model is then one contraction per leaf, ``anchor + (alpha_g - alpha_init_g) . D``: the
-coefficients are the only thing optimised, and ``alpha = alpha_init`` gives the anchor bit
-for bit (docs/method.md).
+theta_prev, or ``i1..iK`` = its steps between snapshots; ``h`` = theta_prev - theta0;
+``m`` = the MagMax consensus point minus theta_prev) are stacked once, in the storage
+dtype, next to the exact init point (the anchor). A merged model is then one contraction
+per leaf, ``anchor + (alpha_g - alpha_init_g) . D``: the coefficients are the only thing
+optimised, and ``alpha = alpha_init`` gives the anchor bit for bit (docs/method.md).
 """
 
 from __future__ import annotations
@@ -80,10 +80,13 @@ def coefficient_groups(
 
 
 def direction_names(num_snapshots: int, directions: Sequence[str]) -> tuple[str, ...]:
-    """Column labels in stacking order: ``d1..dK`` (trajectory), ``h``, ``m``."""
+    """Column labels in stacking order: ``d1..dK`` (trajectory) or ``i1..iK`` (increments),
+    ``h``, ``m``."""
     names: list[str] = []
     if "trajectory" in directions:
         names += [f"d{k + 1}" for k in range(num_snapshots)]
+    if "increments" in directions:
+        names += [f"i{k + 1}" for k in range(num_snapshots)]
     if "history" in directions:
         names.append("h")
     if "consensus" in directions:
@@ -127,6 +130,9 @@ def build_subspace(
         rows = []
         if "trajectory" in directions:
             rows += [s[i] - p for s in leaves_s]
+        if "increments" in directions:
+            points = [p] + [s[i] for s in leaves_s]
+            rows += [b1 - b0 for b0, b1 in zip(points[:-1], points[1:], strict=True)]
         if "history" in directions:
             rows.append(h)
         if "consensus" in directions:
@@ -140,6 +146,8 @@ def build_subspace(
     init_col = {"magmax": "m", "expert": f"d{len(snapshots)}", "previous": None}[init]
     if init_col in cols:
         alpha_init[:, cols.index(init_col)] = 1.0
+    if init == "expert" and "increments" in directions:  # theta_t = theta_prev + sum of steps
+        alpha_init[:, [j for j, c in enumerate(cols) if c.startswith("i")]] = 1.0
     subspace = Subspace(
         anchor=jax.tree.unflatten(treedef, anchors),
         directions=jax.tree.unflatten(treedef, stacked),
