@@ -133,3 +133,32 @@ def test_paper_pipeline_shrunk(tmp_path, tiny_hub_clip):
     assert results["trm"]["stored_bytes"] == [2 * tower + rows] * 2
     # MagMax's merge is not the last fine-tuned model: the two rows differ after task 1.
     assert results["magmax"]["acc_matrix"] != results["seq_ft"]["acc_matrix"]
+
+
+def test_prepare_cli_exit_codes(tmp_path):
+    """`python -m trm_jax.prepare`: a table and exit 1 when the run cannot start, exit 0
+    on the embedded default (its data ship with the machine's packages)."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, HF_HOME=str(tmp_path / "hf"), HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu")
+    cmd = [sys.executable, "-m", "trm_jax.prepare", "--nofetch"]
+    paper = [
+        "--config",
+        os.path.join(ROOT, "configs/paper.py:cifar100,10"),
+        "--config.data.download=False",
+        f"--config.data.data_dir={tmp_path / 'no_tfds'}",
+    ]
+    bad = subprocess.run(cmd + paper, cwd=ROOT, env=env, capture_output=True, text=True)
+    assert bad.returncode == 1, bad.stderr[-2000:]
+    assert "| weights hf:openai/clip-vit-base-patch16 | **missing**" in bad.stdout
+    assert bad.stderr.strip().splitlines()[-1].startswith("cannot start: ")
+    good = subprocess.run(
+        [*cmd, "--config", os.path.join(ROOT, "configs/tiny.py")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
+    assert good.returncode == 0, good.stdout + good.stderr[-2000:]
+    assert "ready: every item the run needs is in place" in good.stdout

@@ -131,8 +131,27 @@ def _out(base_leaf: jax.Array, delta: jax.Array) -> tuple[jax.Array, jax.Array]:
     return out, jnp.all(jnp.isfinite(out))
 
 
-def _scalar(x: Any) -> jax.Array:
-    """A float32 scalar on device once, not one host->device transfer per leaf call."""
+def check_scalar(rule: str, name: str, value: Any) -> None:
+    """``TypeError`` naming ``rule`` and ``name`` unless ``value`` is one real number: a
+    Python int or float (not a bool), or a 0-d real numpy / jax array (also traced, so
+    the rules stay jit-able). A string or an array of several values is a mistake that
+    would otherwise broadcast or convert silently."""
+    if isinstance(value, bool) or (
+        not isinstance(value, int | float | np.number | np.ndarray | jax.Array)
+    ):
+        raise TypeError(f"{rule}: {name} must be a real number, got {type(value).__name__}")
+    shape, dtype = np.shape(value), getattr(value, "dtype", None)
+    if shape != () or (dtype is not None and not np.issubdtype(dtype, np.number)):
+        raise TypeError(f"{rule}: {name} must be one real number, got an array of shape {shape}")
+    if dtype is not None and np.issubdtype(dtype, np.complexfloating):
+        raise TypeError(f"{rule}: {name} must be real, got {dtype}")
+
+
+def _scalar(x: Any, rule: str = "", name: str = "lam") -> jax.Array:
+    """A float32 scalar on device once, not one host->device transfer per leaf call
+    (``check_scalar`` first when the caller names the argument)."""
+    if rule:
+        check_scalar(rule, name, x)
     return jnp.asarray(x, jnp.float32)
 
 
@@ -156,7 +175,9 @@ def task_arithmetic(
 ) -> PyTree:
     """``theta0 + lam * sum_i tau_i`` (Ilharco et al. 2023; MagMax uses lam = 1/T)."""
     tvs = _prepare(base, task_vectors, "task_arithmetic")
-    return _leafwise("task_arithmetic", _task_arithmetic_leaf, base, tvs, _scalar(lam))
+    return _leafwise(
+        "task_arithmetic", _task_arithmetic_leaf, base, tvs, _scalar(lam, "task_arithmetic")
+    )
 
 
 # ---------------------------------------------------------------------------- magmax
@@ -178,7 +199,7 @@ def magmax(base: PyTree, task_vectors: Sequence[PyTree], *, lam: float | jax.Arr
     """``theta0 + lam * maxmag(tau_1..tau_T)`` (Marczak et al. 2024): per element the
     task-vector entry with the largest magnitude, ties to the earliest task."""
     tvs = _prepare(base, task_vectors, "magmax")
-    return _leafwise("magmax", _magmax_leaf, base, tvs, _scalar(lam))
+    return _leafwise("magmax", _magmax_leaf, base, tvs, _scalar(lam, "magmax"))
 
 
 # ------------------------------------------------------------------------------ ties
@@ -283,6 +304,7 @@ def ties(
     zero). ``k`` must be a Python number (it fixes integer ranks); ``lam`` may be traced.
     """
     tvs = _prepare(base, task_vectors, "ties")
+    check_scalar("ties", "k", k)
     if not _concrete(k):
         raise ConfigError("ties: k must be a concrete number in [0, 1], not a traced value")
     _check_range("ties", "k", k, 0.0, 1.0, hi_open=False)
@@ -291,7 +313,7 @@ def ties(
         raise ValueError(f"ties: task vectors of {size} elements exceed the int32 counters (2^31)")
     rank = int(np.floor(float(k) * size))
     thresholds = ties_thresholds(tvs, np.full((len(tvs),), rank, np.int32))
-    return _leafwise("ties", _ties_leaf, base, tvs, thresholds, _scalar(lam))
+    return _leafwise("ties", _ties_leaf, base, tvs, thresholds, _scalar(lam, "ties"))
 
 
 # ------------------------------------------------------------------ dare and randmix
@@ -364,11 +386,13 @@ def dare(
     ``key`` is a typed key (``jax.random.key(seed)``); ``0 <= p < 1``.
     """
     tvs = _prepare(base, task_vectors, "dare")
+    check_scalar("dare", "p", p)
     _check_range("dare", "p", p, 0.0, 1.0, hi_open=True)
     if _concrete(p) and int(dare_threshold(p)) >= 2**24:
         raise ConfigError(f"dare: p={float(p)} rounds to 1 at 2^-24 resolution")
     seeds = dare_seeds(key, len(tvs), len(jax.tree.leaves(base)))
-    return _leafwise("dare", _dare_leaf, base, tvs, seeds, _scalar(p), _scalar(lam), indexed=True)
+    args = (seeds, _scalar(p), _scalar(lam, "dare"))
+    return _leafwise("dare", _dare_leaf, base, tvs, *args, indexed=True)
 
 
 def randmix_index(bits: jax.Array, num_tasks: int) -> jax.Array:
@@ -405,4 +429,5 @@ def randmix(
     if len(tvs) >= 2**16:
         raise ValueError(f"randmix: supports fewer than 65536 task vectors, got {len(tvs)}")
     seeds = randmix_seeds(key, len(jax.tree.leaves(base)))
-    return _leafwise("randmix", _randmix_leaf, base, tvs, seeds, _scalar(lam), indexed=True)
+    args = (seeds, _scalar(lam, "randmix"))
+    return _leafwise("randmix", _randmix_leaf, base, tvs, *args, indexed=True)

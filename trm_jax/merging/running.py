@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 
 from trm_jax.errors import UnknownNameError
+from trm_jax.merging import rules
 from trm_jax.merging.task_vectors import (
     NonFiniteError,
     check_finite,
@@ -152,4 +153,6 @@ def result(base: PyTree, state: State, **hparams: Any) -> PyTree:
     if not isinstance(state.count, jax.core.Tracer) and int(state.count) == 0:
         raise ValueError("running merge has no task vectors yet: call update() first")
     check_like(base, state[0], names=["running state"])
+    for name, value in hparams.items():
+        rules.check_scalar(f"running.result ({type(state).__name__})", name, value)
     return fn(base, state, **hparams)
