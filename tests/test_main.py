@@ -21,7 +21,8 @@ CASES = {
     "unknown_benchmark": (["--config.data.name=nope"], r"nope.*(choices|choose)"),
     "missing_data": (
         ["--config.data.path=/nonexistent/fmnist"],
-        r"fashion_mnist: IDX files .* not found in /nonexistent/fmnist",
+        r"cannot start: data fashion_mnist \(/nonexistent/fmnist\): apt-get install "
+        r"dataset-fashion-mnist.*python -m trm_jax.prepare",
     ),
     "bad_checkpoint": (["--config.model.checkpoint={ckpt}"], r"(?i)checkpoint|missing"),
     "nan_loss": (

@@ -194,6 +194,10 @@ def main(argv) -> int:
         runner.run(config, _WORKDIR.value)
     except TRMError as e:  # registry misses are UnknownNameError, a TRMError too
         print(f"error: {e}", file=sys.stderr, flush=True)
+        # Reads still pending in orbax's event loop fail the same way as the one reported
+        # and would print "Exception ignored in <coroutine>" tracebacks at exit: the line
+        # above already says what is wrong.
+        sys.unraisablehook = lambda unraisable: None
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         message = interrupted_message(_WORKDIR.value, config.data.num_tasks, sys.argv)

@@ -70,6 +70,8 @@ def _shrunk(tmp_path, method: str):
     c.model.templates = ("a photo of a {}.",)
     c.data.download = False
     c.data.data_dir = str(tmp_path / "tfds")
+    c.data.max_train_per_class = 3  # every class of both tasks has examples, few of them
+    c.data.max_test_per_class = 2
     c.train.steps = 3
     c.train.batch_size = 16
     c.train.warmup_steps = 2
@@ -102,7 +104,7 @@ def test_prepare_without_data_or_weights_fails(tmp_path, monkeypatch):
 
 
 def test_paper_pipeline_shrunk(tmp_path, tiny_hub_clip):
-    with tfds.testing.mock_data(num_examples=160):
+    with tfds.testing.mock_data(num_examples=1500):
         items = prepare.check(_shrunk(tmp_path, "trm"), fetch=False, workdir=str(tmp_path))
         assert prepare.summary(items) == "", prepare.table(items)
         assert [i.item for i in items][:2] == [f"weights {SPEC}", "data cifar100"]
