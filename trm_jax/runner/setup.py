@@ -92,6 +92,26 @@ def build_model(config: ml_collections.ConfigDict) -> Model:
     return Model(backbone, preprocess, logits_fn, predict, feats)
 
 
+def loss_fn_for(tcfg, logits_fn, loss_kwargs: dict):
+    """The loss of ``train.make_loss_fn`` around ``logits_fn`` with ``tcfg``'s settings."""
+    return train.make_loss_fn(
+        logits_fn, label_smoothing=tcfg.label_smoothing, dtype=tcfg.dtype, **loss_kwargs
+    )
+
+
+def train_step_for(tcfg, model: Model, loss_fn, opt):
+    """The jitted train step of ``tcfg`` (rate, warm-up, augmentation, accumulation)."""
+    return train.make_train_step(
+        loss_fn,
+        opt,
+        model.preprocess,
+        lr=tcfg.lr,
+        warmup_steps=tcfg.warmup_steps,
+        augment=tcfg.augment,
+        grad_accum=tcfg.grad_accum,
+    )
+
+
 def make_step(config, model: Model, tcfg, loss_kwargs: dict, head: str | None = None):
     """(optimizer, loss_fn, jitted step, logits_fn) for ``tcfg`` and the loss terms, cached.
     ``head`` overrides the model's head kind (pre-training uses a linear head)."""
@@ -100,20 +120,9 @@ def make_step(config, model: Model, tcfg, loss_kwargs: dict, head: str | None = 
         logits_fn = model.logits_fn
         if head is not None:
             logits_fn = heads.make_logits_fn(model.backbone.features_fn, head, 1.0)
-        loss_fn = train.make_loss_fn(
-            logits_fn, label_smoothing=tcfg.label_smoothing, dtype=tcfg.dtype, **loss_kwargs
-        )
+        loss_fn = loss_fn_for(tcfg, logits_fn, loss_kwargs)
         opt = train.make_optimizer(tcfg)
-        step = train.make_train_step(
-            loss_fn,
-            opt,
-            model.preprocess,
-            lr=tcfg.lr,
-            warmup_steps=tcfg.warmup_steps,
-            augment=tcfg.augment,
-            grad_accum=tcfg.grad_accum,
-        )
-        return opt, loss_fn, step, logits_fn
+        return opt, loss_fn, train_step_for(tcfg, model, loss_fn, opt), logits_fn
 
     return cached(cache_key("step", config.model, tcfg, loss_kwargs, head), build)
 

@@ -108,23 +108,9 @@ class CMM(Method):
         tcfg, terms = config.train, self.loss_terms(config)
 
         def build():
-            loss_fn = train.make_loss_fn(
-                linearized_logits_fn(config, model),
-                label_smoothing=tcfg.label_smoothing,
-                dtype=tcfg.dtype,
-                **terms,
-            )
+            loss_fn = setup.loss_fn_for(tcfg, linearized_logits_fn(config, model), terms)
             opt = train.make_optimizer(tcfg)
-            step = train.make_train_step(
-                loss_fn,
-                opt,
-                model.preprocess,
-                lr=tcfg.lr,
-                warmup_steps=tcfg.warmup_steps,
-                augment=tcfg.augment,
-                grad_accum=tcfg.grad_accum,
-            )
-            return opt, loss_fn, step
+            return opt, loss_fn, setup.train_step_for(tcfg, model, loss_fn, opt)
 
         return setup.cached(setup.cache_key("cmm_step", config.model, tcfg, terms), build)
 

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 
 from trm_jax.errors import ConfigError
 from trm_jax.merging import aligned
-from trm_jax.runner import setup, train
+from trm_jax.runner import setup
 from trm_jax.runner.methods.base import Carry, Finetuned, Method, Task, Training
 from trm_jax.runner.train import TrainState
 from trm_jax.tree_util import f32
@@ -88,15 +88,7 @@ class PAM(Method):
             opt, loss_fn, step, _ = setup.make_step(config, model, tcfg, terms)
             if c.penalty_weight > 0:
                 loss_fn = _with_penalty(loss_fn, c)
-                step = train.make_train_step(
-                    loss_fn,
-                    opt,
-                    model.preprocess,
-                    lr=tcfg.lr,
-                    warmup_steps=tcfg.warmup_steps,
-                    augment=tcfg.augment,
-                    grad_accum=tcfg.grad_accum,
-                )
+                step = setup.train_step_for(tcfg, model, loss_fn, opt)
             if c.align_every > 0:
                 step = make_aligned_step(
                     step, every=c.align_every, p=c.align_fraction, reset=c.reset
