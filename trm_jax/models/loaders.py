@@ -64,6 +64,19 @@ def _square_grid(rows: int, prefix: int = 1) -> int | None:
     return grid if grid > 0 and grid * grid + prefix == rows else None
 
 
+def _resamples_posemb(found: tuple | None, expected: tuple, width: int) -> bool:
+    """Whether a stored position embedding of shape ``found`` is one that loading
+    resamples to ``expected``: ``[1, 1 + g*g, width]`` on another square grid."""
+    return (
+        found is not None
+        and len(found) == 3
+        and found[0] == 1
+        and found[2] == width
+        and _square_grid(found[1]) is not None
+        and found != expected
+    )
+
+
 def _to_jax(flat: Mapping[str, np.ndarray]) -> common.PyTree:
     return common.unflatten({k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})
 
@@ -96,15 +109,7 @@ def load_vit_npz(path: str, variant: vit.ViTConfig) -> common.PyTree:
     arrays = {k: v for k, v in arrays.items() if k not in NPZ_HEAD_KEYS}
     expected = _shapes(common.flatten(vit.param_shapes(variant)))
     found = _shapes(arrays)
-    posemb = found.get(_NPZ_POSEMB)
-    resample = (
-        posemb is not None
-        and len(posemb) == 3
-        and posemb[0] == 1
-        and posemb[2] == variant.width
-        and _square_grid(posemb[1]) is not None
-        and posemb != expected[_NPZ_POSEMB]
-    )
+    resample = _resamples_posemb(found.get(_NPZ_POSEMB), expected[_NPZ_POSEMB], variant.width)
     if resample:
         found[_NPZ_POSEMB] = expected[_NPZ_POSEMB]
     hints = []
@@ -249,15 +254,7 @@ def load_vit_safetensors(path: str, variant: vit.ViTConfig) -> common.PyTree:
     by_hf = {_hf_vit_name(k): k for k in ours}
     expected = {hf: _hf_vit_shape(k, ours[k]) for hf, k in by_hf.items()}
     found = _shapes(tensors)
-    posemb = found.get(_HF_VIT_POSEMB)
-    resample = (
-        posemb is not None
-        and len(posemb) == 3
-        and posemb[0] == 1
-        and posemb[2] == variant.width
-        and _square_grid(posemb[1]) is not None
-        and posemb != expected[_HF_VIT_POSEMB]
-    )
+    resample = _resamples_posemb(found.get(_HF_VIT_POSEMB), expected[_HF_VIT_POSEMB], variant.width)
     if resample:
         found[_HF_VIT_POSEMB] = expected[_HF_VIT_POSEMB]
     hints = []
