@@ -189,11 +189,12 @@ def test_ties_thresholds_are_exact():
     assert int(rules.ties_thresholds(tvs, np.array([0]))[0]) == 0x7FFFFFFF  # keep nothing
 
 
-# Leaves covering every layout of the candidate pass: a leading axis divisible by 128
-# with more than 512 columns (two-level overflow compaction), a prefix product divisible
-# by 128, no divisible prefix (flattened, with a ragged tail), a short vector, a scalar.
-SAMPLED_SHAPES = {"w": (128, 1030), "v": (3, 128, 5), "odd": (1001, 7), "b": (77,), "s": ()}
-SAMPLED_SIZE = 128 * 1030 + 3 * 128 * 5 + 1001 * 7 + 77 + 1
+# Leaves covering every layout of the candidate pass: a size divisible by 128 with more
+# than 512 columns (two-level overflow compaction), a large size not divisible by 128
+# (flattened, with a ragged tail), and small leaves, which skip the pass (the select
+# reads them directly), a scalar among them.
+SAMPLED_SHAPES = {"w": (128, 1030), "odd": (1001, 67), "v": (3, 128, 5), "b": (77,), "s": ()}
+SAMPLED_SIZE = 128 * 1030 + 1001 * 67 + 3 * 128 * 5 + 77 + 1
 
 
 def _sampled_setup(seed, num_tasks=3, dtype=jnp.float32, values=None):

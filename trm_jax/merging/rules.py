@@ -277,7 +277,8 @@ def ties_thresholds(task_vectors: Sequence[PyTree], ranks: jax.Array) -> jax.Arr
 #    lie above ``high`` and inside the bracket, and the largest and smallest bracket
 #    offset ``bits - low``. The pass is one elementwise loop with a small output; the
 #    few columns with 3 or more bracket entries are found by a two-level compaction and
-#    their 128 entries gathered.
+#    their 128 entries gathered. Leaves under 65,536 entries (biases, norms: a few per
+#    cent of a model) skip it, as per-leaf calls would cost more than they save.
 # 3. Exact select: the bracket holds the r-th largest iff #above < r <= #above +
 #    #inside; a 2^18-bin histogram of the bracket's entries (max and min of the other
 #    columns, the gathered ones, the leaves' ragged tails) then gives it exactly.
@@ -294,6 +295,7 @@ _SAMPLE_SHIFT = 13  # sample buckets: bit pattern >> 13, i.e. 2^18 buckets
 _OFFSET_BITS = 18  # bracket offsets a packed column word holds
 _SIGMAS = (3.0, 8.0)  # bracket half-widths tried, in binomial sds of the sample rank
 _SMALL_LEAF_COLUMNS = 512  # up to this, every column of a leaf is gathered on overflow
+_LARGE_LEAF = _COLUMN * _SMALL_LEAF_COLUMNS  # smaller leaves go to the select unpacked
 
 
 def _sample_size(size: int, stride: int) -> int:
@@ -310,7 +312,10 @@ def _sample(flat: jax.Array, stride: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=1)
 def _sample_buckets(ts: tuple[jax.Array, ...], stride: int) -> jax.Array:
-    """``[T, s]`` int32: the sample buckets of one leaf (``_sample``), every task."""
+    """``[T, s]`` int32: the sample buckets of one leaf (``_sample``), every task; or of
+    several small leaves flattened end to end, when ``ts`` holds one tuple per task."""
+    if ts and isinstance(ts[0], tuple):
+        ts = tuple(jnp.concatenate([x.reshape(-1) for x in leaves]) for leaves in ts)
     return jnp.stack([_magnitude_bits(_sample(t.reshape(-1), stride)) >> _SAMPLE_SHIFT for t in ts])
 
 
@@ -331,10 +336,12 @@ def _brackets(
     q = rank / size
     center = rank * samples / size
     half = sigmas * np.sqrt(samples * q * (1.0 - q)) + 4.0
-    above = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]  # samples in bucket >= b
+    from_top = np.cumsum(hist[:, ::-1], axis=1)  # [t, j]: samples in the top j + 1 buckets
+    above = from_top[:, ::-1]  # [t, b]: samples in bucket >= b
 
     def bucket(r: int) -> np.ndarray:  # the bucket of the r-th largest sample
-        return (above >= r).sum(axis=1).astype(np.int64) - 1
+        top = np.array([np.searchsorted(row, r) for row in from_top], np.int64)
+        return hist.shape[1] - 1 - top
 
     hi_rank, lo_rank = int(np.floor(center - half)), int(np.ceil(center + half))
     t = hist.shape[0]
@@ -492,17 +499,25 @@ def _candidate_spill(
 
 
 @jax.jit
-def _select_in_bracket(words: list, spill: list, bracket: jax.Array, rank: jax.Array):
+def _select_in_bracket(
+    words: list, spill: list, small: list, bracket: jax.Array, rank: jax.Array
+) -> tuple[jax.Array, jax.Array]:
     """``(int32 threshold bit pattern, bool exact)`` of one task from its candidate pass
-    (``words`` and ``spill``: one entry per leaf). One task per call: it compiles once
-    per tree structure whatever the number of tasks."""
+    over the large leaves (``words`` and ``spill``: one entry per large leaf) and the raw
+    entries of its small leaves (``small``). One task per call: it compiles once per tree
+    structure whatever the number of tasks."""
     none = 2**_OFFSET_BITS
     low, high = bracket[0], bracket[1]
-    word0 = jnp.concatenate([w[:, 0] for w in words]).astype(jnp.int32)
-    word1 = jnp.concatenate([w[:, 1] for w in words]).astype(jnp.int32)
-    tail = jnp.concatenate([c[0] for c in spill])
-    spilled = jnp.concatenate([c[1] for c in spill])
-    fits = jnp.all(jnp.stack([c[2] for c in spill]))
+    word0 = jnp.concatenate([jnp.zeros((0,), jnp.uint32)] + [w[:, 0] for w in words])
+    word1 = jnp.concatenate([jnp.zeros((0,), jnp.uint32)] + [w[:, 1] for w in words])
+    word0, word1 = word0.astype(jnp.int32), word1.astype(jnp.int32)
+    tail = jnp.concatenate(
+        [jnp.zeros((0,), jnp.int32)]
+        + [c[0] for c in spill]
+        + [_magnitude_bits(x.reshape(-1)) for x in small]
+    )
+    spilled = jnp.concatenate([jnp.zeros((0,), jnp.int32)] + [c[1] for c in spill])
+    fits = jnp.all(jnp.stack([jnp.ones((), bool)] + [c[2] for c in spill]))
     inside = word1 & 255
     tail_in = (tail >= low) & (tail <= high)
     n_above = jnp.sum(word0 & 255) + jnp.sum(tail > high)
@@ -520,16 +535,25 @@ def _select_in_bracket(words: list, spill: list, bracket: jax.Array, rank: jax.A
 
 def _bracketed_thresholds(columns: list, brackets: np.ndarray, mass: float, rank: int):
     """The candidate pass and exact select for the tasks of ``columns`` (leaf-major),
-    ``mass`` the largest sampled fraction of entries inside a bracket."""
+    ``mass`` the largest sampled fraction of entries inside a bracket. Leaves below
+    ``_LARGE_LEAF`` entries skip the candidate pass: the select reads them directly."""
     caps = _spill_caps(mass)
     device_brackets = jnp.asarray(brackets)
-    words = [[_candidate_words(t, device_brackets[i]) for i, t in enumerate(ts)] for ts in columns]
+    large = [ts for ts in columns if ts[0].size >= _LARGE_LEAF]
+    small = [ts for ts in columns if ts[0].size < _LARGE_LEAF]
+    words = [[_candidate_words(t, device_brackets[i]) for i, t in enumerate(ts)] for ts in large]
     spill = [
-        _candidate_spill(ts, w, device_brackets, caps) for ts, w in zip(columns, words, strict=True)
+        _candidate_spill(ts, w, device_brackets, caps) for ts, w in zip(large, words, strict=True)
     ]
     rank = jnp.int32(rank)
     found = [
-        _select_in_bracket([w[i] for w in words], [s[i] for s in spill], device_brackets[i], rank)
+        _select_in_bracket(
+            [w[i] for w in words],
+            [s[i] for s in spill],
+            [ts[i] for ts in small],
+            device_brackets[i],
+            rank,
+        )
         for i in range(len(brackets))
     ]
     thresholds, exact = jax.device_get(found and list(zip(*found, strict=True)))
@@ -544,9 +568,16 @@ def _sampled_thresholds(
     a small tree's sample is too small for a 2^18-pattern bracket)."""
     leaves = [jax.tree.leaves(tv) for tv in task_vectors]
     columns = list(zip(*leaves, strict=True))
-    sizes = [int(np.prod(jnp.shape(x), dtype=np.int64)) for x in leaves[0]]
+    # The small leaves are sampled in one call, as one vector (per-leaf calls cost more).
+    large = [ts for ts in columns if ts[0].size >= _LARGE_LEAF]
+    small_columns = [ts for ts in columns if ts[0].size < _LARGE_LEAF]
+    small = list(zip(*small_columns, strict=True)) or [()] * len(leaves)
+    sizes = [ts[0].size for ts in large] + [sum(x.size for x in small[0])]
     size, samples = sum(sizes), sum(_sample_size(n, stride) for n in sizes)
-    hist = np.asarray(_sample_histogram([_sample_buckets(ts, stride) for ts in columns]))
+    parts = [_sample_buckets(ts, stride) for ts in large]
+    if small[0]:
+        parts.append(_sample_buckets(tuple(small), stride))
+    hist = np.asarray(_sample_histogram(parts))
     thresholds, exact = _bracketed_thresholds(
         columns, *_brackets(hist, samples, size, rank, _SIGMAS[0]), rank
     )
