@@ -27,8 +27,9 @@ grows with the leaf count), and dispatch is asynchronous, so peak memory is the 
 the output and one leaf's scratch.
 
 Non-finite inputs are detected without a second pass over the inputs: rules that could
-hide a NaN/Inf (a select or a trim) add ``sum_i 0 * tau_i`` to their output, which is
-exact for finite inputs and NaN otherwise; a reduction over the *output*, in the same
+hide a NaN/Inf (a select or a trim) add ``sum_i 0 * tau_i`` to their output (TIES: 0 times
+its elected sign, which a kept NaN or Inf already poisons), which is exact for finite
+inputs and NaN otherwise; a reduction over the *output*, in the same
 jitted leaf function, then flags it and a ``NonFiniteError`` names the
 input leaves, so nothing non-finite is ever returned. Called inside an outer ``jit``, the
 functions trace cleanly (shape checks still run) but cannot inspect values, so the
@@ -655,7 +656,10 @@ def _ties_leaf(
     chosen = [jnp.where(positive, x > 0, x < 0) for x in trimmed]
     total = _fold_sum([jnp.where(c, x, 0.0) for c, x in zip(chosen, trimmed, strict=True)])
     count = _fold_sum([c.astype(jnp.float32) for c in chosen])
-    delta = lam * (total / jnp.maximum(count, 1.0)) + _poison(ts)
+    # Poison term: a NaN or Inf entry has the largest magnitude pattern, so it is kept
+    # (or a NaN of the same task is), and the elected sign is NaN, or the Inf is chosen:
+    # 0 * elected (one op, not the 2T of sum_i 0 * tau_i) brings any of them to the output.
+    delta = lam * (total / jnp.maximum(count, 1.0)) + elected * 0.0
     if tag_conflicts:
         # Provisional majority +1: an element whose kept entries sum to exactly 0 but are
         # not all 0 depends on the true majority; NaN marks it (the finite check flags the
