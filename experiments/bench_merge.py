@@ -120,7 +120,7 @@ def np_magmax(base, tvs, *, lam):
         best_abs = np.abs(best)
         for t in tvs[1:]:
             a = np.abs(t[j])
-            take = a > best_abs
+            take = a >= best_abs  # an exact tie goes to the later task, as in MagMax
             np.copyto(best, t[j], where=take)
             np.copyto(best_abs, a, where=take)
         np.multiply(best, np.float32(lam), out=best)
@@ -129,25 +129,34 @@ def np_magmax(base, tvs, *, lam):
 
 
 def np_ties(base, tvs, *, k, lam):
+    """MagMax's TIES: keep |x| >= the (d - int(d k))-th smallest |x| of each whole task
+    vector (introselect), elect by mass with the majority sign for zeros, disjoint mean."""
     thresholds = []
-    for t in tvs:  # the r-th largest magnitude of each whole task vector (introselect)
+    for t in tvs:
         flat = np.abs(np.concatenate([x.ravel() for x in t]))
-        r = int(np.floor(k * flat.size))
-        thresholds.append(np.inf if r == 0 else np.partition(flat, flat.size - r)[flat.size - r])
+        kth = flat.size - int(flat.size * k)
+        thresholds.append(np.partition(flat, kth - 1)[kth - 1])
         del flat
-    out = []
-    for j, b in enumerate(base):
-        trimmed = [
+
+    def trimmed(j):
+        return [
             np.where(np.abs(t[j]) >= thr, t[j], np.float32(0))
             for t, thr in zip(tvs, thresholds, strict=True)
         ]
-        elected = np.sign(np.sum(trimmed, axis=0))
+
+    votes = sum(int(np.sign(np.sum(trimmed(j), axis=0)).sum()) for j in range(len(base)))
+    majority = np.float32(np.sign(votes))
+    out = []
+    for j, b in enumerate(base):
+        kept = trimmed(j)
+        elected = np.sign(np.sum(kept, axis=0))
+        positive = np.where(elected == 0, majority, elected) > 0
         total = np.zeros_like(b)
         count = np.zeros_like(b)
-        for x in trimmed:
-            agree = x * elected > 0
-            total += np.where(agree, x, np.float32(0))
-            count += agree
+        for x in kept:
+            chosen = np.where(positive, x > 0, x < 0)
+            total += np.where(chosen, x, np.float32(0))
+            count += chosen
         out.append(b + np.float32(lam) * total / np.maximum(count, 1))
     return out
 

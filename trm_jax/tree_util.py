@@ -56,6 +56,12 @@ def is_traced(tree: PyTree) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
 
 
+def under_trace() -> bool:
+    """True inside a ``jit``/``grad`` trace, even where every argument is concrete: there
+    operations on constants are staged out too, so host-side value reads would fail."""
+    return isinstance(jnp.zeros(()), jax.core.Tracer)
+
+
 def f32(x: jax.Array) -> jax.Array:
     """``x`` in at least float32: bf16 values are computed in float32, float64 is kept."""
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))

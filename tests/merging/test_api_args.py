@@ -48,5 +48,17 @@ def test_running_result_checks_its_hparams():
     np.testing.assert_array_equal(
         np.asarray(merging.running.result(BASE, state, lam=0.5)["w"]), [-2.0, -1.0, 1.5]
     )
-    with pytest.raises(TypeError, match=r"running.result \(MagMaxState\): lam must be a real"):
+    with pytest.raises(TypeError, match=r"running.result \(magmax\): lam must be a real"):
         merging.running.result(BASE, state, lam="0.5")
+
+
+def test_ties_takes_a_traced_lam_but_needs_a_concrete_k():
+    # k picks a rank on the host, so it cannot be traced; lam only scales the result.
+    # Reference by hand (k=0.5 of d=3: keep |x| >= the 2nd largest): tau1 keeps [-2, 3],
+    # tau2 keeps [-4, 1]; sums [-4, -1, 3] elect [-, -, +]; disjoint means [-4, -2, 3].
+    want = np.asarray([-4.0, -2.0, 3.0]) * 0.5
+    np.testing.assert_array_equal(np.asarray(merging.ties(BASE, TAUS, k=0.5, lam=0.5)["w"]), want)
+    traced = jax.jit(lambda lam: merging.ties(BASE, TAUS, k=0.5, lam=lam)["w"])(0.5)
+    np.testing.assert_array_equal(np.asarray(traced), want)
+    with pytest.raises(merging.ConfigError, match=r"ties: k must be a concrete number"):
+        jax.jit(lambda k: merging.ties(BASE, TAUS, k=k, lam=1.0))(0.5)

@@ -77,26 +77,27 @@ def np_magmax(base, tvs, lam):
     out = []
     for j, b in enumerate(_leaves(base)):
         s = np_stack(tvs, j)
-        pick = np.argmax(np.abs(s), axis=0)  # first maximum: ties to the earliest task
+        # Last maximum: an exact tie goes to the later task (MagMax's >=).
+        pick = len(tvs) - 1 - np.argmax(np.abs(s[::-1]), axis=0)
         out.append(b + lam * np.take_along_axis(s, pick[None], 0)[0])
     return out
 
 
 def np_ties(base, tvs, k, lam):
-    kept = []
-    for t in tvs:  # threshold over the whole flattened task vector
-        flat = np.abs(np.concatenate([x.ravel() for x in _leaves(t)]))
-        r = int(np.floor(k * flat.size))
-        thr = np.inf if r == 0 else np.sort(flat)[::-1][r - 1]
-        kept.append([np.where(np.abs(x) >= thr, x, 0.0) for x in _leaves(t)])
-    out = []
-    for j, b in enumerate(_leaves(base)):
-        s = np.stack([kv[j] for kv in kept])
-        sign = np.sign(s.sum(0))
-        agree = (np.sign(s) == sign) & (s != 0)
-        mean = np.where(agree, s, 0).sum(0) / np.maximum(agree.sum(0), 1)
-        out.append(b + lam * mean)
-    return out
+    """MagMax's TIES in float64 (tests/merging/test_rules_reference.py has the bit-exact,
+    tie-heavy version): keep |x| >= the (d - int(d k))-th smallest |x| of the flattened
+    task vector, elect by mass with the majority sign for zeros, disjoint mean."""
+    sizes = [x.size for x in _leaves(base)]
+    flat = np.stack([np.concatenate([x.ravel() for x in _leaves(t)]) for t in tvs])
+    d = flat.shape[1]
+    kth = np.sort(np.abs(flat), axis=1)[:, d - int(d * k) - 1]
+    kept = np.where(np.abs(flat) >= kth[:, None], flat, 0.0)
+    sign = np.sign(kept.sum(0))
+    sign[sign == 0] = np.sign(sign.sum())
+    chosen = np.where(sign > 0, kept > 0, kept < 0)
+    mean = np.where(chosen, kept, 0.0).sum(0) / np.maximum(chosen.sum(0), 1)
+    pieces = np.split(mean, np.cumsum(sizes)[:-1])
+    return [b + lam * m.reshape(b.shape) for b, m in zip(_leaves(base), pieces, strict=True)]
 
 
 def np_triple32(x):
@@ -166,13 +167,11 @@ def test_rule_matches_numpy(rule):
     _assert_close(merging.get(rule)(base, tvs, **hparams), reference(base, tvs))
 
 
-@pytest.mark.parametrize("k", [0.0, 0.05, 0.3, 0.5, 1.0])
+@pytest.mark.parametrize("k", [0.0, 0.05, 0.3, 0.5, 0.99])
 def test_ties_threshold_exact_with_tied_magnitudes(k):
     base, tvs = _setup(seed=2, quantize=True)  # magnitudes in multiples of 0.25: many ties
     got = merging.ties(base, tvs, k=k, lam=1.0)
     _assert_close(got, np_ties(base, tvs, k, 1.0))
-    if k == 0.0:  # nothing kept: the base, exactly
-        jax.tree.map(np.testing.assert_array_equal, got, base)
 
 
 def test_ties_thresholds_are_exact():
@@ -188,6 +187,110 @@ def test_ties_thresholds_are_exact():
         bits = np.asarray(rules.ties_thresholds(tvs, np.array([rank])), np.int32)
         np.testing.assert_array_equal(bits.view(np.float32), [flat[rank - 1]], err_msg=str(rank))
     assert int(rules.ties_thresholds(tvs, np.array([0]))[0]) == 0x7FFFFFFF  # keep nothing
+
+
+# Leaves covering every layout of the candidate pass: a size divisible by 128 with more
+# than 512 columns (two-level overflow compaction), a large size not divisible by 128
+# (flattened, with a ragged tail), and small leaves, which skip the pass (the select
+# reads them directly), a scalar among them.
+SAMPLED_SHAPES = {"w": (128, 1030), "odd": (1001, 67), "v": (3, 128, 5), "b": (77,), "s": ()}
+SAMPLED_SIZE = 128 * 1030 + 1001 * 67 + 3 * 128 * 5 + 77 + 1
+
+
+def _sampled_setup(seed, num_tasks=3, dtype=jnp.float32, values=None):
+    rng = np.random.default_rng(seed)
+
+    def leaf(shape):
+        x = rng.normal(size=shape) if values is None else rng.choice(values, size=shape)
+        return jnp.asarray(x, dtype)
+
+    return [jax.tree.map(leaf, SAMPLED_SHAPES, is_leaf=_is_shape) for _ in range(num_tasks)]
+
+
+def _two_pass(tvs, rank):
+    return np.asarray(rules.ties_thresholds(tvs, np.full((len(tvs),), rank, np.int32)))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("k", [0.0, 0.01, 0.2, 0.5, 0.9, 1 - 0.5 / SAMPLED_SIZE])
+def test_sampled_thresholds_equal_the_two_pass_select(k, dtype):
+    tvs = _sampled_setup(40, dtype=dtype)
+    rank = rules.ties_rank(SAMPLED_SIZE, k)
+    want = _two_pass(tvs, rank)
+    np.testing.assert_array_equal(rules.ties_thresholds_sampled(tvs, rank), want)
+    # Sampling every 3rd entry, a tree this small gets a bracket narrow enough for the
+    # fast path, which then holds the rank for continuous values away from the extremes.
+    got, path = rules._sampled_thresholds(tvs, rank, stride=3)
+    np.testing.assert_array_equal(got, want)
+    if dtype == jnp.float32 and 0 < k <= 0.5:  # (at 0.9 the bracket is cut: 2^18 patterns)
+        np.testing.assert_array_equal(path, 0)
+
+
+@pytest.mark.parametrize("values", [(-2.0, -1.0, 0.0, 1.0, 2.0), (0.0, 0.0, 0.0, 0.5)])
+def test_sampled_thresholds_with_heavy_ties(values):
+    """Few distinct magnitudes: the bracket is one tied value with thousands of copies,
+    columns overflow the cap, and the wider bracket or the two-pass select takes over."""
+    tvs = _sampled_setup(41, values=values)
+    for k in (0.1, 0.2, 0.6):
+        rank = rules.ties_rank(SAMPLED_SIZE, k)
+        got, _ = rules._sampled_thresholds(tvs, rank)
+        np.testing.assert_array_equal(got, _two_pass(tvs, rank), err_msg=str(k))
+
+
+def test_sampled_thresholds_retry_paths(monkeypatch):
+    tvs = _sampled_setup(42)
+    rank = rules.ties_rank(SAMPLED_SIZE, 0.2)
+    want = _two_pass(tvs, rank)
+    # An empty narrow bracket (negative width) fails every task: the wide one succeeds.
+    monkeypatch.setattr(rules, "_SIGMAS", (-50.0, rules._SIGMAS[1]))
+    got, path = rules._sampled_thresholds(tvs, rank, stride=3)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(path, 1)
+    # A sample that misrepresents the data (every sampled entry of the big leaf is 0, the
+    # others are not): both brackets miss and the two-pass select is exact anyway.
+    monkeypatch.undo()
+    flat = np.asarray(tvs[1]["w"]).reshape(-1).copy()
+    runs = flat[: flat.size // 12 * 12].reshape(-1, 12)  # stride 3: entries 4-7 of 12
+    runs[:, 4:8] = 0.0
+    flat[: runs.size] = runs.reshape(-1)
+    tvs[1]["w"] = jnp.asarray(flat.reshape(SAMPLED_SHAPES["w"]))
+    got, path = rules._sampled_thresholds(tvs, rank, stride=3)
+    np.testing.assert_array_equal(got, _two_pass(tvs, rank))
+    assert path[1] == 2 and path[0] == path[2] == 0
+
+
+def test_sampled_thresholds_without_samples():
+    """Leaves of fewer than 244 entries give an empty sample: the bracket is then the
+    lowest 2^18 bit patterns (zeros and the smallest subnormals), anything else falls
+    back."""
+    rng = np.random.default_rng(44)
+    shapes = {"a": (5, 6), "b": (30,), "c": ()}
+    for values in (
+        lambda s: rng.normal(size=s),
+        lambda s: np.zeros(s),
+        lambda s: rng.integers(0, 3, s) * 1e-45,
+    ):
+        tvs = [
+            jax.tree.map(
+                lambda s, v=values: jnp.asarray(v(s), jnp.float32), shapes, is_leaf=_is_shape
+            )
+            for _ in range(2)
+        ]
+        for k in (0.0, 0.5, 0.9):
+            rank = rules.ties_rank(61, k)
+            np.testing.assert_array_equal(
+                rules.ties_thresholds_sampled(tvs, rank), _two_pass(tvs, rank)
+            )
+
+
+def test_compact_equals_nonzero():
+    rng = np.random.default_rng(43)
+    flags = jnp.asarray(rng.random((3, 700)) < 0.05)
+    got = np.asarray(rules._compact(flags, 50))
+    for row, g in zip(np.asarray(flags), got, strict=True):
+        want = np.flatnonzero(row)[:50]
+        np.testing.assert_array_equal(g[: want.size], want)
+        np.testing.assert_array_equal(g[want.size :], 700)
 
 
 def test_bfloat16_leaves_keep_dtype():
@@ -213,7 +316,7 @@ def test_one_task_arithmetic_endpoints():
     for rule, hp in [
         ("average", {}),
         ("magmax", {"lam": 1.0}),
-        ("ties", {"k": 1.0, "lam": 1.0}),
+        ("ties", {"k": 0.99, "lam": 1.0}),  # int(71 * 0.99) = 70: every entry kept
         ("dare", {"p": 0.0, "lam": 1.0, "key": KEY}),
         ("randmix", {"key": KEY}),
     ]:
@@ -255,8 +358,9 @@ def test_running_state_is_one_tree():
 @pytest.mark.parametrize("rule", sorted(CASES))
 def test_jitted_merge_traces_once_per_shape(rule):
     hparams, _ = CASES[rule]
-    static = {k: v for k, v in hparams.items() if k == "k"}  # TIES's k fixes integer ranks
-    dynamic = {k: v for k, v in hparams.items() if k != "k"}
+    # Scalar hparams are Python numbers (static under jit); keys are arrays (traced).
+    static = {k: v for k, v in hparams.items() if k != "key"}
+    dynamic = {k: v for k, v in hparams.items() if k == "key"}
     chex.clear_trace_counter()
     fn = jax.jit(
         chex.assert_max_traces(
@@ -267,9 +371,7 @@ def test_jitted_merge_traces_once_per_shape(rule):
     first = fn(base, tvs, dynamic)
     _assert_close(first, jax.tree.leaves(merging.get(rule)(base, tvs, **hparams)))
     base2, tvs2 = _setup(seed=10)
-    dynamic2 = {
-        k: (jax.random.fold_in(v, 1) if k == "key" else v * 0.5) for k, v in dynamic.items()
-    }
+    dynamic2 = {k: jax.random.fold_in(v, 1) for k, v in dynamic.items()}
     fn(base2, tvs2, dynamic2)  # new values, same shapes: no retrace
 
 
@@ -417,8 +519,10 @@ def test_bad_arguments():
         merging.average(base, tvs[0])
     with pytest.raises(ValueError, match="at least one task vector"):
         merging.magmax(base, [])
-    with pytest.raises(ConfigError, match=r"k=1.5 is outside \[0.0, 1.0\]"):
+    with pytest.raises(ConfigError, match=r"k=1.5 is outside \[0.0, 1.0\)"):
         merging.ties(base, tvs, k=1.5)
+    with pytest.raises(ConfigError, match=r"k=1.0 is outside \[0.0, 1.0\)"):
+        merging.ties(base, tvs, k=1.0)
     with pytest.raises(ConfigError, match=r"p=1.0 is outside \[0.0, 1.0\)"):
         merging.dare(base, tvs, p=1.0, key=KEY)
     with pytest.raises(ConfigError, match="rounds to 1"):

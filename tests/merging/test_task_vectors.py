@@ -66,7 +66,7 @@ def test_maxmag_matches_numpy_and_running_fold():
     got = tv.maxmag(*trees)
     for j, g in enumerate(jax.tree.leaves(got)):
         stack = np.stack([np.asarray(jax.tree.leaves(t)[j]) for t in trees])
-        pick = np.argmax(np.abs(stack), axis=0)  # first maximum: ties to the earliest
+        pick = len(trees) - 1 - np.argmax(np.abs(stack[::-1]), axis=0)  # ties: the latest
         np.testing.assert_array_equal(np.asarray(g), np.take_along_axis(stack, pick[None], 0)[0])
     fold = trees[0]
     for t in trees[1:]:
@@ -74,11 +74,18 @@ def test_maxmag_matches_numpy_and_running_fold():
     jax.tree.map(np.testing.assert_array_equal, got, fold)
 
 
-def test_maxmag_ties_go_to_earliest():
-    a = {"x": jnp.array([1.0, -2.0, 0.0])}
-    b = {"x": jnp.array([-1.0, 2.0, -0.5])}
-    np.testing.assert_array_equal(tv.maxmag(a, b)["x"], [1.0, -2.0, -0.5])
-    np.testing.assert_array_equal(tv.maxmag(b, a)["x"], [-1.0, 2.0, -0.5])
+def test_maxmag_ties_go_to_the_later_tree():
+    """MagMax's merge_max_abs: where(|cur| >= |best|, cur, best), tasks in order."""
+    a = {"x": jnp.array([1.0, -2.0, 0.0, -0.0, 3.0])}
+    b = {"x": jnp.array([-1.0, 2.0, -0.5, 0.0, -1.0])}
+    c = {"x": jnp.array([1.0, 2.0, 0.5, -0.0, 3.0])}
+    np.testing.assert_array_equal(tv.maxmag(a, b)["x"], [-1.0, 2.0, -0.5, 0.0, 3.0])
+    np.testing.assert_array_equal(tv.maxmag(b, a)["x"], [1.0, -2.0, -0.5, -0.0, 3.0])
+    np.testing.assert_array_equal(tv.maxmag(a, b, c)["x"], [1.0, 2.0, 0.5, -0.0, 3.0])
+    np.testing.assert_array_equal(tv.maxmag2(a["x"], b["x"]), tv.maxmag(a, b)["x"])
+    # The sign of a zero comes from the later tree too (bitwise: -0.0 vs 0.0).
+    assert np.signbit(np.asarray(tv.maxmag(a, b, c)["x"])[3])
+    assert not np.signbit(np.asarray(tv.maxmag(a, b)["x"])[3])
     with pytest.raises(ValueError, match="at least one"):
         tv.maxmag()
 

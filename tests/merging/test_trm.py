@@ -169,7 +169,7 @@ def test_consensus_lam_is_the_running_magmax_merge(stream):
     for got, b, m, e in zip(*map(jax.tree.leaves, (params, base, tau_1, expert)), strict=True):
         b, m, e = (np.asarray(x, np.float64) for x in (b, m, e))
         tau_t = e - b
-        want = b + lam * np.where(np.abs(tau_t) > np.abs(m), tau_t, m)
+        want = b + lam * np.where(np.abs(tau_t) >= np.abs(m), tau_t, m)  # ties: tau_t
         np.testing.assert_allclose(np.asarray(got), want, rtol=1e-6, atol=1e-6)
 
 

@@ -2,8 +2,9 @@
 
 A continual-learning stream should not keep every task vector: for the rules whose
 merge is a fold, the state is one parameter-sized tree plus a counter, whatever the
-number of tasks, and the result equals the batch rule in ``baselines`` (same float
-operations in the same order, so the two agree to the last bit on one device)::
+number of tasks, and the result equals the batch rule in ``rules`` (same float
+operations in the same order, so the two agree to the last bit on one device, exact ties
+of MagMax magnitudes included: both give them to the later task)::
 
     state = running.init("magmax", base)
     for tau in task_vectors:            # e.g. one per task, as it is produced
@@ -11,8 +12,9 @@ operations in the same order, so the two agree to the last bit on one device)::
     merged = running.result(base, state, lam=0.5)   # == merging.magmax(base, taus, lam=0.5)
 
 ``result`` takes exactly the hparams of the matching batch rule (``average``: none;
-``task_arithmetic`` and ``magmax``: ``lam``), so ``merging.hparams_for`` serves both.
-States are NamedTuples (pytrees): checkpoint them like any other state.
+``task_arithmetic`` and ``magmax``: ``lam``, a Python real number, checked like the batch
+rule's), so ``merging.hparams_for`` serves both. States are NamedTuples (pytrees):
+checkpoint them like any other state.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ class TaskArithmeticState(NamedTuple):
 
 
 class MagMaxState(NamedTuple):
-    """Per element the largest-magnitude entry so far (ties to the earliest task)."""
+    """Per element the largest-magnitude entry so far (an exact tie goes to the later
+    task, as in MagMax's reference code and in ``rules.magmax``)."""
 
     best: PyTree
     count: jax.Array
@@ -92,7 +95,7 @@ def update(state: State, tv: PyTree) -> State:
         raise TypeError(f"not a running-merge state: {type(state).__name__}")
     tree = state.best if isinstance(state, MagMaxState) else state.total
     check_like(tree, tv, names=["task vector"])
-    # Leaf by leaf, each leaf's rule compiled once per shape (as in ``baselines``).
+    # Leaf by leaf, each leaf's rule compiled once per shape (as in ``rules``).
     fold = _maxmag_leaf if isinstance(state, MagMaxState) else _add_leaf
     new_tree = jax.tree.map(fold, tree, tv)
     new = type(state)(new_tree, state.count + 1)
@@ -127,14 +130,16 @@ def _average_result(base: PyTree, state: AverageState) -> PyTree:
 
 
 def _task_arithmetic_result(
-    base: PyTree, state: TaskArithmeticState, *, lam: float | jax.Array = 1.0
+    base: PyTree, state: TaskArithmeticState, *, lam: float = 1.0
 ) -> PyTree:
     return _scaled(base, state.total, lam)
 
 
-def _magmax_result(base: PyTree, state: MagMaxState, *, lam: float | jax.Array = 0.5) -> PyTree:
+def _magmax_result(base: PyTree, state: MagMaxState, *, lam: float = 0.5) -> PyTree:
     return _scaled(base, state.best, lam)
 
+
+_RULES = {state: rule for rule, state in STATES.items()}
 
 _RESULTS = {
     AverageState: _average_result,
@@ -146,13 +151,16 @@ _RESULTS = {
 def result(base: PyTree, state: State, **hparams: Any) -> PyTree:
     """The merged parameters: ``base + (1/count) total`` (average), ``base + lam total``
     (task_arithmetic) or ``base + lam best`` (magmax), in each base leaf's dtype.
-    ``hparams`` are exactly the batch rule's keyword arguments (defaults included)."""
+    ``hparams`` are exactly the batch rule's keyword arguments (defaults included); each
+    must be one real number: a Python number or a 0-d array, traced too (``TypeError``
+    naming it and the rule otherwise)."""
     fn = _RESULTS.get(type(state))
     if fn is None:
         raise TypeError(f"not a running-merge state: {type(state).__name__}")
+    rule = _RULES[type(state)]
     if not isinstance(state.count, jax.core.Tracer) and int(state.count) == 0:
         raise ValueError("running merge has no task vectors yet: call update() first")
     check_like(base, state[0], names=["running state"])
     for name, value in hparams.items():
-        rules.check_scalar(f"running.result ({type(state).__name__})", name, value)
+        rules.check_scalar(f"running.result ({rule})", name, value)
     return fn(base, state, **hparams)

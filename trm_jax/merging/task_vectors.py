@@ -9,6 +9,7 @@ so a wrong or diverged checkpoint never merges silently.
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Sequence
 
@@ -104,17 +105,22 @@ def apply(base: PyTree, tv: PyTree, lam: float | jax.Array = 1.0) -> PyTree:
 
 
 def maxmag2(a: jax.Array, b: jax.Array) -> jax.Array:
-    """Per element, the argument with the larger absolute value (ties go to ``a``)."""
-    return jnp.where(jnp.abs(b) > jnp.abs(a), b, a)
+    """Per element, the argument with the larger absolute value; an exact tie of
+    magnitudes goes to ``b``, the later one (MagMax's ``where(|b| >= |a|, b, a)``).
+
+    It is one step of the running MagMax fold (``a`` the merge so far, ``b`` the new task
+    vector), so folding it left to right equals ``maxmag`` exactly, ties included.
+    """
+    return jnp.where(jnp.abs(b) >= jnp.abs(a), b, a)
 
 
 def maxmag_leaves(*xs: jax.Array) -> jax.Array:
-    """``maxmag`` of single arrays: a left fold carrying ``|best|`` so XLA fuses it into
-    one pass over the inputs without recomputing the chain of selects."""
+    """``maxmag`` of single arrays: a left fold of ``maxmag2`` carrying ``|best|``, so XLA
+    fuses it into one pass over the inputs without recomputing the chain of selects."""
     best, best_abs = xs[0], jnp.abs(xs[0])
     for x in xs[1:]:
         x_abs = jnp.abs(x)
-        take = x_abs > best_abs
+        take = x_abs >= best_abs
         best, best_abs = jnp.where(take, x, best), jnp.where(take, x_abs, best_abs)
     return best
 
@@ -122,12 +128,29 @@ def maxmag_leaves(*xs: jax.Array) -> jax.Array:
 def maxmag(*trees: PyTree) -> PyTree:
     """Per element, the value with the largest magnitude across ``trees`` (MagMax).
 
-    Ties go to the earliest tree, so folding ``maxmag2`` left to right (the running
-    form) gives exactly the same result as this all-at-once form.
+    Trees are taken in order and an exact tie of magnitudes goes to the later tree, as in
+    the MagMax reference code (``merge_max_abs``: ``where(|cur| >= |best|, cur, best)``),
+    so it is the left fold of ``maxmag2`` and equals the running form to the last bit.
     """
     if not trees:
         raise ValueError("maxmag needs at least one tree")
     return jax.tree.map(maxmag_leaves, *trees)
+
+
+def check_real(rule: str, name: str, value: object) -> float:
+    """``value`` as a Python float if it is a real number (``int``, ``float`` or a NumPy
+    real scalar; ``bool`` excluded), else ``TypeError`` naming the argument and the rule.
+
+    Merge hyper-parameters (``lam``, ``k``, ``p``) are checked with it at the API boundary:
+    a string, an array or a traced value would otherwise be broadcast or silently
+    promoted inside the leaf functions instead of failing where it was passed.
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(
+            f"{rule}: {name} must be a real number (int or float, not bool), "
+            f"got {type(value).__name__} {value!r}"
+        )
+    return float(value)
 
 
 def name_mask(
