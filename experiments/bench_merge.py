@@ -211,6 +211,7 @@ def main() -> None:
     parser.add_argument("--numpy_reps", type=int, default=1, help="timed NumPy calls per rule")
     parser.add_argument("--rules", default=",".join(merging.MERGERS), help="comma-separated")
     parser.add_argument("--no_numpy", action="store_true", help="skip the NumPy timings")
+    parser.add_argument("--results_name", default="", help="also write docs/results/NAME.md")
     args = parser.parse_args()
 
     shapes = scaled(vit_b16_shapes(), args.scale)
@@ -274,8 +275,17 @@ def main() -> None:
         f"peak RSS {peak_gb:.1f} GB; times are the best of {args.reps} (NumPy: "
         f"{args.numpy_reps}) calls\n"
     )
-    print(header)
-    print("\n".join(rows))
+    table = header + "\n" + "\n".join(rows)
+    print(table)
+    if args.results_name:
+        import results
+
+        notes = (
+            f"{len(leaves)} leaves, {size:,} float32 params per tree, T={args.T}; copy "
+            f"roofline {copy_gbs:.1f} GB/s = {roofline_s * 1e3:.0f} ms per merge; best of "
+            f"{args.reps} calls (NumPy: {args.numpy_reps}); peak RSS {peak_gb:.1f} GB."
+        )
+        results.write(args.results_name, notes + "\n\n" + table)
 
 
 if __name__ == "__main__":

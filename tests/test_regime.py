@@ -341,3 +341,52 @@ def _trm_default(**kw):
     c = tcfg.default_config()
     c.update(kw)
     return c
+
+
+def test_reg_theta_is_the_relative_squared_move_of_the_parameters():
+    from trm_jax.merging import trm
+    from trm_jax.merging.trm import subspace as sub
+
+    rng = np.random.default_rng(3)
+    tree = lambda: {"a": jnp.asarray(rng.normal(size=(3, 2))), "b": jnp.asarray(rng.normal(size=4))}  # noqa: E731
+    base, prev = tree(), tree()
+    snaps = [tree() for _ in range(3)]
+    s, lay = sub.build_subspace(base, prev, snaps, granularity="leaf", lam=0.5, init="magmax")
+    alpha = s.alpha_init + jnp.asarray(rng.normal(size=s.alpha_init.shape))
+    params = sub.combine(s, alpha, lay)
+    ctx = _trm_ctx(None)._replace(previous=prev, expert=snaps[-1])
+    got = trm.REG["theta"](alpha, s.alpha_init, params, s.anchor, ctx)
+    # NumPy: theta(alpha) rebuilt from the directions, not from combine
+    move = sum(
+        np.sum(
+            np.tensordot(
+                np.asarray(alpha - s.alpha_init)[lay.groups[i]], np.asarray(s.directions[k]), 1
+            )
+            ** 2
+        )
+        for i, k in enumerate(("a", "b"))
+    )
+    scale = sum(np.sum((np.asarray(snaps[-1][k]) - np.asarray(prev[k])) ** 2) for k in ("a", "b"))
+    np.testing.assert_allclose(float(got), move / scale, rtol=1e-5)
+    assert float(trm.REG["theta"](s.alpha_init, s.alpha_init, s.anchor, s.anchor, ctx)) == 0.0
+    # the reference term is unchanged and ignores the extra arguments
+    l2 = trm.REG["l2"](alpha, s.alpha_init, params, s.anchor, ctx)
+    np.testing.assert_allclose(float(l2), np.sum(np.asarray(alpha - s.alpha_init) ** 2), rtol=1e-6)
+    with pytest.raises(ConfigError, match="'reg' is 'l1'"):
+        trm.validate_config(_trm_default(reg="l1"))
+
+
+def test_prepare_checks_every_concat_part_and_sklearn_digits():
+    from trm_jax import prepare
+
+    c = _load_config("fashion_digits.py")
+    c.data.parts = "sklearn_digits:sklearn_digits,mnist5k:mnist5k"  # both ship with pip
+    item = prepare._data_item("data", c.data, fetch=False)
+    assert item.ok and item.status == "found", item
+    assert "scikit-learn" in item.where
+    c.data.parts = "sklearn_digits:sklearn_digits,mnist5k:npz"  # npz part: no file given
+    item = prepare._data_item("data", c.data, fetch=False)
+    assert not item.ok and item.status == "missing mnist5k:npz", item
+    with pytest.raises(ConfigError, match="is not 'benchmark:source"):
+        c.data.parts = "mnist5k"
+        prepare._data_item("data", c.data, fetch=False)

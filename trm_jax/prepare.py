@@ -16,6 +16,7 @@ and stops with its one-line summary (``summary``) when something is missing.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import sys
@@ -136,6 +137,35 @@ def _data_item(label: str, config: ml_collections.ConfigDict, fetch: bool) -> It
                 return Item(label, True, "found", _du(directory), directory, "")
         dirs = ", ".join(local_data.idx_search_dirs(benchmark, config))
         return Item(label, False, "missing", None, dirs, benchmark.how_to_get)
+    if source == "concat":  # every part, each from its own source's default location
+        items = []
+        for bench_name, part_source, _ in tasks.parse_parts(config.parts):
+            sub = tasks.default_config()
+            sub.update(name=bench_name, source=part_source, data_dir=config.data_dir)
+            items.append(_data_item(f"{bench_name}:{part_source}", sub, fetch))
+        bad = [i for i in items if not i.ok]
+        if bad:
+            return Item(
+                label,
+                False,
+                "missing " + ", ".join(i.item for i in bad),
+                None,
+                "; ".join(i.where for i in bad if i.where),
+                "; ".join(i.how for i in bad),
+            )
+        sizes = [i.size for i in items if i.size]
+        return Item(
+            label,
+            True,
+            "found",
+            sum(sizes) if sizes else None,
+            "; ".join(i.where for i in items if i.where),
+            "",
+        )
+    if source == "sklearn_digits":
+        ok = importlib.util.find_spec("sklearn") is not None
+        how = "" if ok else "pip install scikit-learn (it ships the 8x8 digits)"
+        return Item(label, ok, "found" if ok else "missing", None, "scikit-learn", how)
     if source == "mnist5k":
         path = local_data.mnist5k_path()
         ok = path is not None

@@ -17,7 +17,7 @@ import numpy as np
 from ml_collections import config_dict
 
 from trm_jax.errors import ConfigError
-from trm_jax.merging.trm.objectives import ALIGN, CONSISTENCY, MEASURES, RESPONSIVENESS
+from trm_jax.merging.trm.objectives import ALIGN, CONSISTENCY, MEASURES, REG, RESPONSIVENESS
 from trm_jax.tree_util import DTYPES
 
 DIRECTIONS = ("trajectory", "history", "consensus")
@@ -53,6 +53,9 @@ def default_config() -> ml_collections.ConfigDict:
     * ``responsiveness``: ``'probe'`` (squared gradient norm of a fixed random probe loss),
       ``'fisher'`` (trace of the Fisher, labels sampled from the model) or ``'probe_relative'``
       (the probe's squared gradient norm over its loss: responsiveness per unit of loss).
+    * ``reg``: ``'l2'`` (||alpha - alpha_init||^2, the reference formulation) or
+      ``'theta'`` (||theta(alpha) - theta_init||^2 / ||theta_t - theta_prev||^2: a leash on
+      the parameters' move, relative to the task's own displacement).
     * ``directions``: any non-empty subset of ``('trajectory', 'history', 'consensus')``, or
       ``'increments'`` in place of ``'trajectory'``: the trajectory as its steps
       ``theta_t^(k) - theta_t^(k-1)`` (``theta_t^(0)`` = theta_prev), columns ``i1..iK``. Same
@@ -102,6 +105,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.align = "distill"
     config.consistency = "kl"
     config.responsiveness = "probe"
+    config.reg = "l2"
     config.directions = DIRECTIONS
     # A string or a tuple of regexes: declared as an object field so either type is accepted.
     config.granularity = config_dict.FieldReference("leaf", field_type=object)
@@ -147,6 +151,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     _choice(config.align, ALIGN, "align")
     _choice(config.consistency, CONSISTENCY, "consistency")
     _choice(config.responsiveness, RESPONSIVENESS, "responsiveness")
+    _choice(config.reg, REG, "reg")
     _choice(config.responsiveness, MEASURES, "responsiveness (its g measure in MEASURES)")
     _choice(config.init, INITS, "init")
     _choice(config.direction_dtype, DIRECTION_DTYPES, "direction_dtype")

@@ -26,10 +26,10 @@ from trm_jax.merging.trm.objectives import (
     ALIGN,
     CONSISTENCY,
     MEASURES,
+    REG,
     RESPONSIVENESS,
     ApplyFn,
     Context,
-    reg_l2,
 )
 from trm_jax.merging.trm.step import (
     TARGETS,
@@ -256,7 +256,7 @@ def _spec_and_hyper(
         responsiveness=(
             RESPONSIVENESS[config.responsiveness] if weights["responsiveness"] else None
         ),
-        reg=reg_l2 if weights["reg"] else None,
+        reg=REG[config.reg] if weights["reg"] else None,
         layout=layout,
         responsiveness_every=int(config.responsiveness_every),
     )

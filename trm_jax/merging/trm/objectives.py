@@ -255,11 +255,44 @@ def responsiveness_probe_relative(apply_fn, params, logits, batch, targets, ctx)
     return jax.nn.softplus(_log(targets["g_ref"]) - _log(g))
 
 
-def reg_l2(alpha: jax.Array, alpha_init: jax.Array) -> jax.Array:
-    """||alpha - alpha_init||^2 over every coefficient: stay near the rule-based start."""
+def reg_l2(
+    alpha: jax.Array,
+    alpha_init: jax.Array,
+    params: PyTree = None,
+    anchor: PyTree = None,
+    ctx: Context | None = None,
+) -> jax.Array:
+    """||alpha - alpha_init||^2 over every coefficient: stay near the rule-based start
+    (the reference formulation). The other arguments are the ``REG`` protocol's, unused."""
+    del params, anchor, ctx
     return jnp.sum(jnp.square(alpha - alpha_init))
 
 
+def reg_theta(
+    alpha: jax.Array, alpha_init: jax.Array, params: PyTree, anchor: PyTree, ctx: Context
+) -> jax.Array:
+    """Variant: ||theta(alpha) - theta_init||^2 / ||theta_t - theta_prev||^2, a leash on the
+    parameters rather than on the coefficients.
+
+    The directions' norms differ widely across leaves and kinds, so a unit of alpha moves
+    theta by very different amounts and an L2 term on alpha does not bound how far the
+    merge moves the model (docs/diagnosis.md, finding 4). This measures the move itself,
+    relative to the task's own displacement (scale-free, so one weight serves any model);
+    ``anchor`` = theta(alpha_init). Exact for any coefficient layout, one pass over the
+    parameters per step.
+    """
+    del alpha, alpha_init
+
+    def sq(a: PyTree, b: PyTree) -> jax.Array:
+        return sum(jnp.sum(jnp.square(f32(x) - f32(y))) for x, y in zip(a, b, strict=True))
+
+    move = sq(jax.tree.leaves(params), jax.tree.leaves(anchor))
+    scale = sq(jax.tree.leaves(ctx.expert), jax.tree.leaves(ctx.previous))
+    return move / jnp.maximum(scale, jnp.finfo(jnp.float32).tiny)
+
+
+# Every regulariser takes (alpha, alpha_init, params, anchor, ctx): params = theta(alpha).
+REG: dict[str, Callable] = {"l2": reg_l2, "theta": reg_theta}
 ALIGN: dict[str, Callable] = {
     "distill": align_distill,
     "distill_seen": align_distill_seen,

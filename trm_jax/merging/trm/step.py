@@ -102,9 +102,11 @@ def loss_terms(
             terms[name] = jnp.zeros((), alpha.dtype)
         else:
             terms[name] = fn(spec.apply_fn, params, logits, batch, targets, ctx).astype(alpha.dtype)
-    terms["reg"] = (
-        jnp.zeros((), alpha.dtype) if spec.reg is None else spec.reg(alpha, subspace.alpha_init)
-    )
+    if spec.reg is None:
+        terms["reg"] = jnp.zeros((), alpha.dtype)
+    else:
+        reg = spec.reg(alpha, subspace.alpha_init, params, subspace.anchor, ctx)
+        terms["reg"] = reg.astype(alpha.dtype)
     loss = sum(
         (hyper.weights[name].astype(alpha.dtype) * terms[name] for name in spec.active),
         jnp.zeros((), alpha.dtype),
