@@ -62,23 +62,27 @@ def get_config(arg=None):
     c.merge.chain = "merged"
     c.merge.lam = 0.5
     c.merge.batch_size = 64
-    c.merge.trm.steps = 50
-    c.merge.trm.learning_rate = 3e-2
     # TRM starts from MagMax with this run's lambda (trm.lam; 1.0 would be the pair merge)
-    # and fits labels over every seen class; weights chosen on the validation split
-    # (docs/runner.md, "The embedded default").
+    # and fits labels over every seen class. Weights and cost chosen on the VALIDATION split
+    # of both embedded benchmarks together (this one and configs/fashion_digits.py), for the
+    # smallest worst-case gap to MagMax across the two streams at a merge cost of at most
+    # 10 % of a task's fine-tuning (docs/diagnosis.md, "Choosing the shipped settings").
+    c.merge.trm.steps = 20
+    c.merge.trm.learning_rate = 3e-2
     c.merge.trm.lam = 0.5
     c.merge.trm.align = "ce_seen"
-    c.merge.trm.weights.consistency = 3.0
-    c.merge.trm.weights.responsiveness = 0.1
+    c.merge.trm.weights.consistency = 2.0
+    # L_GR off: on validation its effect at weight 0.1 is within seed noise and it costs
+    # accuracy at 1, while its second-order pass would take the merge past that 10 %;
+    # trm.default_config() (the reference formulation) keeps it.
+    c.merge.trm.weights.responsiveness = 0.0
     c.merge.trm.weights.reg = 0.1
+    c.merge.trm.batch_size = 32
     c.merge.trm.max_batches = 4
     c.merge.trm.probe.batch_size = 32
-    # The settings the comparison table in docs/results was measured with (the library's cheaper
-    # defaults chunk batches to 32 and compute L_GR every 4th step).
-    c.merge.trm.batch_size = 0
     c.merge.trm.responsiveness_every = 1
-    c.merge.trm.eval_batches = 4
+    c.merge.trm.eval_batches = 1
+    c.merge.trm.report_g = False  # g enters no objective with L_GR off: do not measure it
     c.eval.batch_size = 500
     c.mesh.data = 1
     return c

@@ -465,6 +465,8 @@ def main(argv):
             "trm_diagnose",
             _SEED.value,
             os.path.join(_WORKDIR.value, f"diag_s{_SEED.value}"),
+            # table 2 reports g even where the shipped config skips it (same merge)
+            [("report_g", True)],
         )
         records = method.records
         with open(os.path.join(_OUT.value, "diagnosis.json"), "w") as f:

@@ -162,6 +162,7 @@ def _rows():
                 "forgetting": 0.1 * seed,
                 "onset_grad_norm": onset,
                 "merge_seconds": merge,
+                "finetune_seconds": [1.0, 2.0],
                 "stored_bytes": [2**20, 3 * 2**20],
             }
         )
@@ -185,11 +186,16 @@ def test_compare_table_mean_std():
     assert lines[0].startswith("| method | runs | last acc (%) |")
     # trm last accuracy: mean 73.333, sample std sqrt(50/6)=2.887; forgetting 0,10,20 %.
     # onset: run means 2, 2, 4 -> 2.667 ± 1.155; merge: 0.2, 0.2, 0.3 -> 0.233 ± 0.0577.
+    # merge / fine-tune over tasks >= 2: 0.3/2, 0.2/2, 0.3/2 -> 13.33 ± 2.887 %.
     assert lines[2] == (
         "| trm | 3 | 73.33 ± 2.89 | 80.00 ± 0.00 | 10.00 ± 10.00 | 2.667 ± 1.155 | 0.233 ± 0.0577 "
-        "| 2 ± 0 |"
+        "| 13.3 ± 2.89 | 2 ± 0 |"
     )  # stored: the mean over tasks of 1 and 3 MiB is 2 MiB in every run
-    assert lines[3] == "| zeroshot | 1 | 50.00 | 60.00 | n/a | n/a | 0 | n/a |"
+    assert lines[3] == "| zeroshot | 1 | 50.00 | 60.00 | n/a | n/a | 0 | n/a | n/a |"
+    # one task: only the first task, whose times include compiling, so NaN
+    assert np.isnan(
+        report.merge_finetune_ratio({"merge_seconds": [9.0], "finetune_seconds": [1.0]})
+    )
     stats = report.aggregate(_rows())
     mean, std, n = stats["trm"]["last_accuracy"]
     assert (mean, std, n) == pytest.approx((73.3333333, np.std([70, 75, 75], ddof=1), 3))

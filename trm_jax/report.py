@@ -50,6 +50,7 @@ COMPARE_COLUMNS = (
     ("forgetting", "forgetting (%)", 100.0, ".2f"),
     ("onset_grad_norm", "onset grad norm", 1.0, ".4g"),
     ("merge_seconds", "merge s / task", 1.0, ".3g"),
+    ("merge_finetune_ratio", "merge / fine-tune (%)", 100.0, ".3g"),
     ("stored_bytes", "stored MiB / task", 2.0**-20, ".3g"),
 )
 
@@ -374,8 +375,25 @@ def write(workdir: str, metrics: Mapping[str, Any]) -> dict[str, str]:
 # ----------------------------------------------------------------------------------------
 
 
+def merge_finetune_ratio(record: Mapping[str, Any]) -> float:
+    """Merge seconds over fine-tuning seconds, summed over tasks 2..T of a run: the first
+    task's times include compiling both, so they are left out (NaN with fewer than two
+    tasks or no fine-tuning)."""
+    merge = _float_list(record.get("merge_seconds") or [])[1:]
+    finetune = _float_list(record.get("finetune_seconds") or [])[1:]
+    if not merge.size or merge.size != finetune.size or not finetune.sum() > 0:
+        return float("nan")
+    return float(merge.sum() / finetune.sum())
+
+
+# Columns computed from other fields of a record.
+DERIVED = {"merge_finetune_ratio": merge_finetune_ratio}
+
+
 def _run_value(record: Mapping[str, Any], key: str) -> float:
     """One number per run: the value, or the mean over tasks of a per-task list."""
+    if key in DERIVED:
+        return DERIVED[key](record)
     value = record.get(key)
     if value is None:
         return float("nan")

@@ -574,6 +574,23 @@ def test_zero_weight_terms_compute_no_targets(stream, monkeypatch):
         counts.append(len(calls))
         assert info["g_ref"] > 0 and np.isfinite(info["terms_final"]["responsiveness"])
     assert counts == [3, 6, 4]
+    # report_g=False: with L_GR off g is measured nowhere (reported as NaN) and the merge
+    # is otherwise the same; with L_GR on the flag is ignored
+    calls.clear()
+    quiet = _config(steps=4, responsiveness="counting", max_batches=4, eval_batches=1)
+    quiet.weights.responsiveness, quiet.report_g = 0.0, False
+    params_quiet, info = _merge(stream, quiet)
+    jax.effects_barrier()
+    assert len(calls) == 0 and all(np.isnan(info[k]) for k in ("g_ref", "g_init", "g_final"))
+    loud = _config(steps=4, responsiveness="counting", max_batches=4, eval_batches=1)
+    loud.weights.responsiveness = 0.0
+    params_loud, _ = _merge(stream, loud)
+    jax.tree.map(np.testing.assert_array_equal, params_quiet, params_loud)
+    calls.clear()
+    quiet.weights.responsiveness = 0.1
+    _merge(stream, quiet)
+    jax.effects_barrier()
+    assert len(calls) == 6
 
 
 # ----------------------------------------------------------------------------- errors

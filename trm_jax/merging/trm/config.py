@@ -93,6 +93,10 @@ def default_config() -> ml_collections.ConfigDict:
     * ``eval_batches``: how many of the held batches the before/after report in ``info``
       (``terms_init``, ``terms_final``, ``g_*``) averages over; 0 = all (costs ~2 steps
       each). Default 1.
+    * ``report_g`` (True): measure g at the reference, the init point and the result for
+      ``info`` (``g_ref``, ``g_init``, ``g_final``; three second-order passes per report
+      batch). With L_GR off (``weights.responsiveness = 0``) g enters no objective, and
+      ``False`` skips those passes (the values are NaN); with L_GR on it is always measured.
     * ``seed``: the key for the Fisher variant's sampled labels.
     """
     config = ml_collections.ConfigDict()
@@ -118,6 +122,7 @@ def default_config() -> ml_collections.ConfigDict:
     config.batch_size = 32
     config.max_batches = 8
     config.eval_batches = 1
+    config.report_g = True
     config.seed = 0
     return config
 

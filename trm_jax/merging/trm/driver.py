@@ -447,8 +447,9 @@ def merge(
       ``responsiveness``, ``reg``; terms at the coefficients *before* each step, unweighted;
       with ``responsiveness_every > 1`` the responsiveness value the step reused),
       ``g_ref``, ``g_init``, ``g_final`` (mean g at the reference, the init point and the
-      result), ``terms_init`` / ``terms_final`` (mean loss and unweighted terms at
-      ``alpha_init`` and at the result; these five average over the first
+      result; NaN when ``report_g`` is False and L_GR is off), ``terms_init`` /
+      ``terms_final`` (mean loss and unweighted terms at ``alpha_init`` and at the result;
+      these five average over the first
       ``eval_batches`` held batches), ``active`` (terms with a non-zero weight),
       ``batches`` / ``skipped_batches`` (held / ragged chunks) and ``seconds`` (wall time
       of the whole merge).
@@ -517,15 +518,19 @@ def _summarise(
     measure = MEASURES[config.responsiveness]
     g = functools.partial(measure_g, apply_fn=spec.apply_fn, measure=measure)
     g_ref, g_init, g_final, terms_init, terms_final = [], [], [], [], []
+    # g is second-order; without L_GR it is only reported, and ``report_g=False`` skips it.
+    report_g = bool(config.report_g) or spec.responsiveness is not None
+    nan = jnp.full((), jnp.nan, jnp.float32)
     for index, (batch, targets) in enumerate(cache.entries[: config.eval_batches or None]):
-        g_ref.append(cache.g_ref(index))  # before evaluating: the report's L_GR reads it
+        # g_ref before evaluating: the report's L_GR reads it
+        g_ref.append(cache.g_ref(index) if report_g else nan)
         loss, terms = evaluate(subspace.alpha_init, subspace, batch, targets, ctx, hyper, spec=spec)
         terms_init.append({"loss": loss, **terms})
-        g_init.append(g(subspace.anchor, batch, targets, ctx))
+        g_init.append(g(subspace.anchor, batch, targets, ctx) if report_g else nan)
         if config.steps:
             loss, terms = evaluate(state.alpha, subspace, batch, targets, ctx, hyper, spec=spec)
             terms_final.append({"loss": loss, **terms})
-            g_final.append(g(params, batch, targets, ctx))
+            g_final.append(g(params, batch, targets, ctx) if report_g else nan)
     if not config.steps:
         terms_final, g_final = terms_init, g_init
     alpha, g_ref, g_init, g_final, terms_init, terms_final = fetch(
