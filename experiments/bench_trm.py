@@ -35,6 +35,12 @@ snapshots of a task (the cost does not depend on the values):
         --merge_batch_size=0 --probe_batch_size=32 --responsiveness_every=1 \
         --max_batches=0 --eval_batches=4 --merge_lr=0.01
 
+With ``--config=configs/<name>.py`` (a runner config) it costs that config instead: its
+model, its ``merge.trm`` settings, its data batch and snapshots, and one task of its
+``train.steps`` steps (the "epoch" is then the whole task):
+
+    python experiments/bench_trm.py --config configs/fashion_digits.py
+
 It accepts every flag of ``bench_train.py`` (``--image_size``, ``--dtype``, ...), and
 ``--results_name=NAME`` writes the table to ``docs/results/NAME.md`` with the command,
 commit, machine and date (``experiments/results.py``).
@@ -51,7 +57,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
+from ml_collections import config_flags
 
+from trm_jax import models
 from trm_jax.merging import trm
 from trm_jax.models import heads
 
@@ -71,6 +79,9 @@ flags.DEFINE_integer("probe_batch_size", -1, "trm probe.batch_size (0 = the whol
 flags.DEFINE_integer("responsiveness_every", -1, "trm responsiveness_every.")
 flags.DEFINE_integer("max_batches", -1, "trm max_batches (0 = up to merge steps).")
 flags.DEFINE_integer("eval_batches", -1, "trm eval_batches (0 = every held batch).")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "A runner config: cost its own model, TRM settings and task size."
+)
 flags.FLAGS.set_default("models", ["vit_tiny", "vit_b16"])
 flags.FLAGS.set_default("steps", 5)
 
@@ -148,8 +159,10 @@ def batches(backbone, batch_size: int):
 
 
 def merge_config(steps: int | None = None):
-    """``trm.default_config()`` with the flags that are not -1 applied."""
-    config = trm.default_config()
+    """``trm.default_config()`` (or, with ``--config``, that config's ``merge.trm``) with
+    the flags that are not -1 applied."""
+    config = _CONFIG.value.merge.trm.copy_and_resolve_references() if _CONFIG.value else None
+    config = config or trm.default_config()
     config.direction_dtype = FLAGS.direction_dtype
     fields = {
         "steps": FLAGS.merge_steps,
@@ -187,8 +200,39 @@ def timed_merge(inputs, backbone, steps: int) -> tuple[float, dict]:
     return time.perf_counter() - t0, info
 
 
+def apply_config() -> str:
+    """With ``--config``: the flags that describe the task from that runner config (data
+    batch, snapshots, classes of the last task and before it, one task = its
+    ``train.steps`` steps or ``train.epochs`` epochs of its images) and the model to cost
+    (its ``model`` section); returns the model's name. Without: ''."""
+    config = _CONFIG.value
+    if config is None:
+        return ""
+    from trm_jax.data import tasks
+
+    bench = tasks.get_benchmark(config.data.name)
+    per_task = bench.num_classes // config.data.num_tasks
+    FLAGS.batch_size, FLAGS.K = config.train.batch_size, config.train.snapshots
+    FLAGS.task_classes, FLAGS.old_classes = per_task, bench.num_classes - per_task
+    if config.train.steps > 0:
+        FLAGS.epoch_images, FLAGS.task_epochs = config.train.steps * FLAGS.batch_size, 1
+    else:
+        FLAGS.task_epochs = config.train.epochs
+    FLAGS.models = [config.model.name]
+    return config.model.name
+
+
+def build_backbone(name: str):
+    """The model to cost: ``--config``'s ``model`` section, else the registry variant."""
+    if _CONFIG.value is None:
+        return bench_train.build(name, FLAGS.image_size, FLAGS.dtype)
+    cfg = _CONFIG.value.model.copy_and_resolve_references()
+    cfg.dtype = FLAGS.dtype
+    return models.build(cfg, key=jax.random.key(0))
+
+
 def bench_model(name: str) -> dict:
-    backbone = bench_train.build(name, FLAGS.image_size, FLAGS.dtype)
+    backbone = build_backbone(name)
     inputs = merge_inputs(backbone, FLAGS.K)
     total = merge_config().steps
     timed = FLAGS.timed_steps if 0 < FLAGS.timed_steps < total else total
@@ -230,6 +274,7 @@ def bench_model(name: str) -> dict:
 
 def main(argv):
     del argv
+    apply_config()
     c = merge_config()
     setup = (
         f"devices: {bench_train.describe_devices()}; K={FLAGS.K}; directions "
@@ -251,7 +296,7 @@ def main(argv):
     for name in FLAGS.models:
         r = bench_model(name)
         lines.append(
-            f"| {r['model']} | {r['image']} | {r['merge_s']:.1f} | {r['how']} | "
+            f"| {r['model']} | {r['image']} | {r['merge_s']:.3g} | {r['how']} | "
             f"{r['first_call_s']:.1f} | {r['step_s']:.3f} | {r['epoch_s']:.1f} | "
             f"{r['ratio']:.1%} | {r['task_ratio']:.1%} | {r['peak_gb']:.2f} | "
             f"{r['delta_gb']:.2f} | {r['mem_source']} |"
@@ -260,7 +305,10 @@ def main(argv):
     if FLAGS.results_name:
         import results
 
-        body = f"One TRM merge (random weights) against one fine-tuning epoch; {setup}."
+        path = config_flags.get_config_filename(flags.FLAGS["config"])
+        source = f"the TRM settings, model and task size of `{path}`"
+        what = source if _CONFIG.value else "the library's TRM defaults"
+        body = f"One TRM merge (random weights) against one fine-tuning epoch, {what}; {setup}."
         results.write(FLAGS.results_name, body + "\n\n" + "\n".join(lines))
 
 
