@@ -276,7 +276,7 @@ def reg_theta(
 
     The directions' norms differ widely across leaves and kinds, so a unit of alpha moves
     theta by very different amounts and an L2 term on alpha does not bound how far the
-    merge moves the model (docs/diagnosis.md, finding 4). This measures the move itself,
+    merge moves the model (docs/diagnosis.md, finding 5). This measures the move itself,
     relative to the task's own displacement (scale-free, so one weight serves any model);
     ``anchor`` = theta(alpha_init). Exact for any coefficient layout, one pass over the
     parameters per step.
