@@ -161,8 +161,10 @@ def batches(backbone, batch_size: int):
 def merge_config(steps: int | None = None):
     """``trm.default_config()`` (or, with ``--config``, that config's ``merge.trm``) with
     the flags that are not -1 applied."""
-    config = _CONFIG.value.merge.trm.copy_and_resolve_references() if _CONFIG.value else None
-    config = config or trm.default_config()
+    if _CONFIG.value is None:
+        config = trm.default_config()
+    else:
+        config = _CONFIG.value.merge.trm.copy_and_resolve_references()
     config.direction_dtype = FLAGS.direction_dtype
     fields = {
         "steps": FLAGS.merge_steps,

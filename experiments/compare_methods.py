@@ -23,11 +23,11 @@ every run. With ``--results_name=NAME`` the table and the plot are also written 
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 import time
 
+import results
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -74,8 +74,6 @@ WALL_COLUMN = ("wall_seconds", "wall s / run", 1.0, ".3g")
 
 
 def run_all(config, methods, seeds, workdir):
-    from trm_jax import runner
-
     rows = []
     for spec in methods:
         method, _, chain = spec.partition("@")
@@ -88,17 +86,7 @@ def run_all(config, methods, seeds, workdir):
             cfg.seed = seed
             cfg.debug.progress = False
             wd = os.path.join(workdir, f"{spec.replace('@', '_')}_s{seed}")
-            timing_path = os.path.join(wd, "wall_seconds.json")
-            finished = os.path.exists(os.path.join(wd, "metrics.json"))
-            t0 = time.perf_counter()
-            record = runner.run(cfg, wd)
-            wall = time.perf_counter() - t0
-            if finished and os.path.exists(timing_path):
-                with open(timing_path) as f:  # a reused finished run: keep its own timing
-                    wall = json.load(f)["wall_seconds"]
-            else:
-                with open(timing_path, "w") as f:
-                    json.dump({"wall_seconds": wall}, f)
+            record, wall = results.timed_run(cfg, wd)
             record = dict(record, method=spec, wall_seconds=wall)
             rows.append(record)
             print(
@@ -145,8 +133,6 @@ def main(argv):
         f.write(text)
     report.compare_plot(rows, os.path.join(workdir, "compare.png"))
     if _RESULTS_NAME.value:
-        import results
-
         results.write(_RESULTS_NAME.value, text, png=lambda path: report.compare_plot(rows, path))
     print(text)
 

@@ -45,6 +45,7 @@ import sys
 import time
 
 import numpy as np
+import results
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -336,20 +337,6 @@ def diagnosis_text(records: list[dict], final: dict) -> str:
     return "\n".join(out)
 
 
-def write_section(path: str, section: str, text: str) -> None:
-    """Replace (or append) the block between ``<!-- diag:section -->`` markers in ``path``."""
-    start, end = f"<!-- diag:{section} -->", f"<!-- /diag:{section} -->"
-    block = f"{start}\n{text.rstrip()}\n{end}\n"
-    old = open(path).read() if os.path.exists(path) else ""
-    if start in old and end in old:
-        head, rest = old.split(start, 1)
-        new = head + block + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        new = old + ("\n" if old and not old.endswith("\n") else "") + block
-    with open(path, "w") as f:
-        f.write(new)
-
-
 # ------------------------------------------------------------------------------- runs
 
 
@@ -485,7 +472,7 @@ def main(argv):
     with open(os.path.join(_OUT.value, "diagnosis.md"), "w") as f:
         f.write(text)
     if _DOC.value:
-        write_section(_DOC.value, _SECTION.value or d.name, text)
+        results.write_section(_DOC.value, "diag", _SECTION.value or d.name, text)
     print(text)
 
 

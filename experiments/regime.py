@@ -22,12 +22,12 @@ numbers are only ever written by this script. ``--config.x=y`` overrides apply t
 
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
 import time
 
+import results
 from absl import app, flags, logging
 from ml_collections import config_flags
 
@@ -79,25 +79,12 @@ def entry_label(method: str, chain: str) -> str:
 def run_entry(config, method: str, chain: str, seed: int, split: str, workdir: str) -> dict:
     """One run (reused when finished); its metrics plus ``wall_seconds`` and ``method`` =
     the row label."""
-    from trm_jax import runner
-
     cfg = config.copy_and_resolve_references()
     cfg.unlock()
     cfg.merge.method, cfg.merge.chain, cfg.seed = method, chain, seed
     cfg.eval.split = split
     cfg.debug.progress = False
-    wd = os.path.join(workdir, f"{method}_{chain}_s{seed}")
-    timing = os.path.join(wd, "wall_seconds.json")
-    finished = os.path.exists(os.path.join(wd, "metrics.json"))
-    t0 = time.perf_counter()
-    record = runner.run(cfg, wd)
-    wall = time.perf_counter() - t0
-    if finished and os.path.exists(timing):
-        with open(timing) as f:
-            wall = json.load(f)["wall_seconds"]
-    else:
-        with open(timing, "w") as f:
-            json.dump({"wall_seconds": wall}, f)
+    record, wall = results.timed_run(cfg, os.path.join(workdir, f"{method}_{chain}_s{seed}"))
     return dict(record, wall_seconds=wall, method=entry_label(method, chain))
 
 
@@ -122,20 +109,6 @@ def checks_text(table: dict, labels: dict[str, list[str]]) -> tuple[str, bool]:
                     f"(needs >= {margin:g}): **{'yes' if ok else 'no'}**"
                 )
     return "\n".join(lines), ok_all
-
-
-def write_section(path: str, section: str, text: str) -> None:
-    """Replace (or append) the block between ``<!-- regime:section -->`` markers in ``path``."""
-    start, end = f"<!-- regime:{section} -->", f"<!-- /regime:{section} -->"
-    block = f"{start}\n{text.rstrip()}\n{end}\n"
-    old = open(path).read() if os.path.exists(path) else ""
-    if start in old and end in old:
-        head, rest = old.split(start, 1)
-        new = head + block + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        new = old + ("\n" if old and not old.endswith("\n") else "") + block
-    with open(path, "w") as f:
-        f.write(new)
 
 
 def main(argv):
@@ -181,7 +154,9 @@ def main(argv):
     with open(os.path.join(_WORKDIR.value, "regime.md"), "w") as f:
         f.write(text)
     if _DOC.value:
-        write_section(_DOC.value, _SECTION.value or os.path.basename(_WORKDIR.value), text)
+        results.write_section(
+            _DOC.value, "regime", _SECTION.value or os.path.basename(_WORKDIR.value), text
+        )
     print(text)
 
 

@@ -20,18 +20,24 @@ refresh every block from the files, or to check that they match:
 
     python experiments/results.py            # rewrite the README's blocks
     python experiments/results.py --check    # exit 1 when a block is stale
+
+Two helpers the measuring scripts share: :func:`write_section` (a marked section of a docs
+page, for the scripts that write one) and :func:`timed_run` (a run and the wall time it
+took when it first ran, kept across reuses).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import json
 import os
 import platform
 import re
 import shlex
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -141,6 +147,43 @@ def write(
         update_block(readme, name, results_dir)
     print(f"results: wrote {os.path.relpath(path, ROOT)}", flush=True)
     return path
+
+
+def write_section(path: str, tag: str, section: str, text: str) -> None:
+    """Replace (or append) the block between ``<!-- tag:section -->`` and
+    ``<!-- /tag:section -->`` in the markdown file ``path``: how ``regime.py`` (tag
+    ``regime``) and ``diagnose_trm.py`` (tag ``diag``) write their sections of a docs page."""
+    start, end = f"<!-- {tag}:{section} -->", f"<!-- /{tag}:{section} -->"
+    block = f"{start}\n{text.rstrip()}\n{end}\n"
+    old = open(path).read() if os.path.exists(path) else ""
+    if start in old and end in old:
+        head, rest = old.split(start, 1)
+        new = head + block + rest.split(end, 1)[1].lstrip("\n")
+    else:
+        new = old + ("\n" if old and not old.endswith("\n") else "") + block
+    with open(path, "w") as f:
+        f.write(new)
+
+
+def timed_run(config, workdir: str) -> tuple[dict, float]:
+    """``runner.run(config, workdir)`` and its wall seconds. A run that had already finished
+    is reused by the runner, so its time is the one stored beside it
+    (``wall_seconds.json``) when it first ran: a table's wall column reports what each run
+    took, not how long reloading it took."""
+    from trm_jax import runner
+
+    timing = os.path.join(workdir, "wall_seconds.json")
+    finished = os.path.exists(os.path.join(workdir, "metrics.json"))
+    t0 = time.perf_counter()
+    record = runner.run(config, workdir)
+    wall = time.perf_counter() - t0
+    if finished and os.path.exists(timing):
+        with open(timing) as f:
+            wall = json.load(f)["wall_seconds"]
+    else:
+        with open(timing, "w") as f:
+            json.dump({"wall_seconds": wall}, f)
+    return record, wall
 
 
 def _content(name: str, results_dir: str) -> str:
